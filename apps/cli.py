@@ -1,0 +1,45 @@
+"""The `edge-duet` command. Each group of commands lives in its own module with a ``register(app)``
+function; this file only assembles them. Command modules import their heavy dependencies lazily, so
+`edge-duet --help` stays fast and works with only the runtime installed."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="edge-duet",
+    help="Proactive video assistants on edge devices: export, quantize, run, serve, evaluate, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+COMMAND_MODULES = (
+    "edge_duet.apps.cmd_export",  # make-checkpoint, export
+    "edge_duet.apps.cmd_infer",  # infer
+    "edge_duet.apps.cmd_run",  # run
+    "edge_duet.apps.cmd_serve",  # serve
+    "edge_duet.apps.cmd_eval",  # eval, make-benchmark
+    "edge_duet.apps.cmd_train",  # train-demo
+    "edge_duet.apps.cmd_quant",  # quantize, compare, build-engines
+    "edge_duet.apps.cmd_bench",  # bench
+)
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _name:  # a real missing dependency inside the module: surface it
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

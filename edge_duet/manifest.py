@@ -1,0 +1,241 @@
+"""The bundle manifest: the one file the runtime reads to know a bundle.
+
+A bundle is a directory::
+
+    bundle/
+      manifest.json          this file's schema, versioned
+      vision.onnx            frames (pre-patchified) -> merged visual embeddings
+      embed.onnx             token ids -> embeddings
+      decoder.onnx           embeddings + 3-D M-RoPE positions + KV cache -> logits + new KV cache
+      *.onnx.data            external weights where a graph is over 2 GB
+      tokenizer.json         Hugging Face `tokenizers` file
+      chat_template.jinja    the checkpoint's template (kept for reference; the runtime renders ids itself)
+
+``FORMAT_VERSION`` is bumped on any change a runtime of an older version cannot read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT_NAME = "edge-duet-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``shape`` holds ints or names of dynamic dimensions."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    path: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: tuple[str, ...] = ()
+    precision: str = "fp32"
+    quantized_ops: int = 0
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    mrope_section: tuple[int, ...]
+    rope_theta: float
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    in_channels: int = 3
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the transformers Qwen2-VL image processor does, as numbers."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+    video_pad: int
+    endoftext: int
+    eos_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The proactive protocol's defaults (see shared/PROTOCOL.md); all overridable by the user."""
+
+    system_prompt: str
+    no_reply_text: str = "NO REPLY"
+    must_reply_prefix: str = "I must reply.\n"
+    frame_interval_s: float = 1.0
+    frames_per_turn: int = 2
+    max_context_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    text: TextSpec
+    vision: VisionSpec
+    preprocess: PreprocessSpec
+    tokens: TokenSpec
+    prompt: PromptSpec
+    graphs: dict[str, GraphSpec]
+    tokenizer: str = "tokenizer.json"
+    chat_template: str | None = "chat_template.jinja"
+    variant: str = "fp32"
+    provenance: tuple[dict[str, Any], ...] = ()
+    export_info: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (small files only)
+    format_version: int = FORMAT_VERSION
+
+    # ------------------------------------------------------------------ io
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data = {"format": FORMAT_NAME, **data}
+        return data
+
+    def save(self, bundle_dir: str | Path) -> Path:
+        path = Path(bundle_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
+        if data.get("format") != FORMAT_NAME:
+            raise BundleError(f"{where} is not an edge-duet bundle manifest (format={data.get('format')!r}).")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where} has bundle format version {version}; this edge-duet reads version {FORMAT_VERSION}. "
+                "Re-export the checkpoint with this version: edge-duet export CHECKPOINT BUNDLE --overwrite"
+            )
+        try:
+            graphs = {
+                k: GraphSpec(
+                    path=g["path"],
+                    inputs=tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in g["inputs"]),
+                    outputs=tuple(TensorSpec(o["name"], o["dtype"], tuple(o["shape"])) for o in g["outputs"]),
+                    external_data=tuple(g.get("external_data", ())),
+                    precision=g.get("precision", "fp32"),
+                    quantized_ops=int(g.get("quantized_ops", 0)),
+                )
+                for k, g in data["graphs"].items()
+            }
+            text = dict(data["text"])
+            text["mrope_section"] = tuple(text["mrope_section"])
+            vision = dict(data["vision"])
+            vision["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
+            pre = dict(data["preprocess"])
+            pre["image_mean"] = tuple(pre["image_mean"])
+            pre["image_std"] = tuple(pre["image_std"])
+            tokens = dict(data["tokens"])
+            tokens["eos_ids"] = tuple(tokens["eos_ids"])
+            return cls(
+                name=data["name"],
+                text=TextSpec(**text),
+                vision=VisionSpec(**vision),
+                preprocess=PreprocessSpec(**pre),
+                tokens=TokenSpec(**tokens),
+                prompt=PromptSpec(**data["prompt"]),
+                graphs=graphs,
+                tokenizer=data.get("tokenizer", "tokenizer.json"),
+                chat_template=data.get("chat_template"),
+                variant=data.get("variant", "fp32"),
+                provenance=tuple(data.get("provenance", ())),
+                export_info=dict(data.get("export_info", {})),
+                files=dict(data.get("files", {})),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where} is malformed ({type(exc).__name__}: {exc}). Re-export the bundle.") from exc
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> "Manifest":
+        bundle_dir = Path(bundle_dir)
+        if not bundle_dir.exists():
+            raise BundleError(
+                f"no model bundle at {bundle_dir}: run `edge-duet export CHECKPOINT {bundle_dir}` first, "
+                "or leave --model out to use the bundled demo model."
+            )
+        path = bundle_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(
+                f"{bundle_dir} has no {MANIFEST_NAME}: it is not an edge-duet bundle "
+                f"(run `edge-duet export CHECKPOINT {bundle_dir}` to make one)."
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path} is unreadable or not JSON ({exc}). Re-export the bundle.") from exc
+        return cls.from_json(data, where=str(path))
+
+    def check_files(self, bundle_dir: str | Path) -> None:
+        """Raise one :class:`BundleError` listing every listed file that is missing or altered."""
+        bundle_dir = Path(bundle_dir)
+        problems = []
+        needed = [g.path for g in self.graphs.values()] + [d for g in self.graphs.values() for d in g.external_data]
+        needed.append(self.tokenizer)
+        for rel in needed:
+            if not (bundle_dir / rel).is_file():
+                problems.append(f"missing {rel}")
+        for rel, digest in self.files.items():
+            p = bundle_dir / rel
+            if p.is_file() and sha256_file(p) != digest:
+                problems.append(f"{rel} does not match its checksum (corrupt or edited)")
+        if problems:
+            raise BundleError(
+                f"bundle {bundle_dir} is incomplete or corrupt: " + "; ".join(problems)
+                + ". Re-export it with `edge-duet export CHECKPOINT BUNDLE --overwrite`."
+            )
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
