@@ -1,0 +1,344 @@
+"""``edge-duet export``: a checkpoint directory becomes a validated ONNX bundle.
+
+The bundle is written to a temporary directory beside the target and renamed into place only after it
+validated, so a failed or interrupted export never leaves a half-written bundle that looks good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import resource
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edge_duet.errors import BundleError, CheckpointError, UsageError
+from edge_duet.manifest import (
+    GraphSpec, Manifest, PreprocessSpec, PromptSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
+)
+
+from .checkpoint import CheckpointInfo, load_model
+
+TWO_GB = 2 * 1024**3
+SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 18
+    validate: bool = True
+    overwrite: bool = False
+    system_prompt: str | None = None
+    max_context_tokens: int | None = None
+    frame_interval_s: float | None = None
+    frames_per_turn: int | None = None
+    name: str | None = None
+
+
+@dataclass
+class ExportReport:
+    bundle_dir: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_gb: float = 0.0
+    validation: object | None = None
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+        return f"bundle {self.bundle_dir}: {stages}; peak memory {self.peak_rss_gb:.2f} GB"
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+@contextlib.contextmanager
+def _stage(report: ExportReport, name: str, log: Callable[[str], None]):
+    log(f"[{name}] ...")
+    t0 = time.perf_counter()
+    yield
+    report.stage_seconds[name] = time.perf_counter() - t0
+    log(f"[{name}] done in {report.stage_seconds[name]:.1f} s (peak memory {_peak_rss_gb():.2f} GB)")
+
+
+def _prepare_target(bundle_dir: Path, overwrite: bool) -> Path:
+    if bundle_dir.exists() and not overwrite:
+        raise UsageError(f"{bundle_dir} already exists; pass --overwrite to replace it")
+    parent = bundle_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {parent}: {exc}") from exc
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}: choose an output directory you can write to")
+    tmp = parent / f".{bundle_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: ExportOptions = ExportOptions(),
+                  log: Callable[[str], None] = print) -> ExportReport:
+    import torch
+
+    bundle_dir = Path(bundle_dir)
+    report = ExportReport(bundle_dir=bundle_dir)
+    tmp = _prepare_target(bundle_dir, options.overwrite)
+    try:
+        with _stage(report, "load", log):
+            model, info = load_model(checkpoint_dir)
+        manifest = build_manifest(model, info, options)
+        with torch.no_grad(), _quiet_export():
+            with _stage(report, "vision", log):
+                manifest.graphs["vision"] = export_vision(model, tmp, options.opset)
+            with _stage(report, "embed", log):
+                manifest.graphs["embed"] = export_embed(model, tmp, options.opset)
+            with _stage(report, "decoder", log):
+                manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset)
+        shutil.copy(info.path / "tokenizer.json", tmp / "tokenizer.json")
+        if (info.path / "chat_template.jinja").is_file():
+            shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.stat().st_size < SMALL_FILE}
+        manifest = _replace(manifest, files=files)
+        manifest.save(tmp)
+        if options.validate:
+            from .validate import validate_bundle
+
+            with _stage(report, "validate", log):
+                report.validation = validate_bundle(model, tmp)
+            log(report.validation.summary())
+        report.peak_rss_gb = _peak_rss_gb()
+        manifest = _replace(manifest, export_info={**manifest.export_info, "peak_rss_gb": round(report.peak_rss_gb, 2),
+                                                   "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
+                                                   "validated": bool(options.validate)})
+        manifest.save(tmp)
+        if bundle_dir.exists():
+            shutil.rmtree(bundle_dir)
+        tmp.rename(bundle_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _replace(manifest: Manifest, **kw) -> Manifest:
+    import dataclasses
+
+    return dataclasses.replace(manifest, **kw)
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manifest:
+    import onnx
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    import edge_duet
+
+    tc = model.config.text_config
+    vc = model.config.vision_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    text = TextSpec(
+        hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_attention_heads=tc.num_attention_heads,
+        num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, vocab_size=tc.vocab_size,
+        mrope_section=tuple(tc.rope_parameters["mrope_section"]), rope_theta=float(tc.rope_parameters["rope_theta"]),
+        max_position_embeddings=tc.max_position_embeddings,
+    )
+    vision = VisionSpec(
+        depth=vc.depth, hidden_size=vc.hidden_size, num_heads=vc.num_heads, out_hidden_size=vc.out_hidden_size,
+        patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+        window_size=vc.window_size, fullatt_block_indexes=tuple(vc.fullatt_block_indexes), in_channels=vc.in_channels,
+    )
+    pre = info.preprocessor
+    size = pre.get("size") or {}
+    preprocess = PreprocessSpec(
+        min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge", 56 * 56)),
+        max_pixels=int(pre.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280)),
+        patch_size=int(pre.get("patch_size", vc.patch_size)), merge_size=int(pre.get("merge_size", vc.spatial_merge_size)),
+        temporal_patch_size=int(pre.get("temporal_patch_size", vc.temporal_patch_size)),
+        image_mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+        image_std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+    )
+    tok = Tokenizer.from_file(str(info.path / "tokenizer.json"))
+
+    def tid(t: str) -> int:
+        i = tok.token_to_id(t)
+        if i is None:
+            raise CheckpointError(f"tokenizer.json of {info.path} lacks the special token {t}")
+        return i
+
+    im_end, endoftext = tid("<|im_end|>"), tid("<|endoftext|>")
+    tokens = TokenSpec(
+        im_start=tid("<|im_start|>"), im_end=im_end, vision_start=tid("<|vision_start|>"),
+        vision_end=tid("<|vision_end|>"), image_pad=tid("<|image_pad|>"), video_pad=tid("<|video_pad|>"),
+        endoftext=endoftext, eos_ids=(im_end, endoftext),
+    )
+    p = info.proactive
+    prompt = PromptSpec(
+        system_prompt=options.system_prompt or p.system_prompt, no_reply_text=p.no_reply_text,
+        must_reply_prefix=p.must_reply_prefix, frame_interval_s=options.frame_interval_s or p.frame_interval_s,
+        frames_per_turn=options.frames_per_turn or p.frames_per_turn,
+        max_context_tokens=options.max_context_tokens or p.max_context_tokens,
+    )
+    return Manifest(
+        name=options.name or info.path.name, text=text, vision=vision, preprocess=preprocess, tokens=tokens,
+        prompt=prompt, graphs={},
+        export_info={
+            "checkpoint": str(info.path), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "edge_duet": edge_duet.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "opset": options.opset,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------- graphs
+
+
+def _save(path: Path, param_bytes: int) -> tuple[str, ...]:
+    """Move weights of a graph over 2 GB into one external-data file beside it."""
+    if param_bytes < TWO_GB - (64 << 20):
+        return ()
+    import onnx
+
+    m = onnx.load(str(path))
+    data = path.name + ".data"
+    for f in path.parent.glob(f"{path.stem}*"):
+        if f != path:
+            pass
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
+    return (data,)
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers())
+
+
+def _spec(names_shapes, dtype) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(n, dtype if isinstance(dtype, str) else dtype[n], tuple(s)) for n, s in names_shapes)
+
+
+def export_vision(model, out: Path, opset: int) -> GraphSpec:
+    import numpy as np
+    import torch
+
+    from edge_duet.runtime.vision_index import vision_inputs
+
+    from .graphs import VisionGraph
+
+    vc = model.config.vision_config
+    graph = VisionGraph(model.model.visual).eval()
+    ps, tps = vc.patch_size, vc.temporal_patch_size
+    dim = vc.in_channels * tps * ps * ps
+    grids = [(1, 8, 12), (1, 4, 4)]  # two frames of different sizes: exercises every dynamic axis
+    n = sum(t * h * w for t, h, w in grids)
+    spec = _vision_spec(model)
+    feeds = vision_inputs(np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32), grids, spec)
+    names = ["pixel_values", "rotary_pos_ids", "full_segment_ids", "window_segment_ids", "reverse_index"]
+    path = out / "vision.onnx"
+    torch.onnx.export(
+        graph, tuple(torch.from_numpy(feeds[k]) for k in names), str(path), input_names=names,
+        output_names=["image_embeds"], opset_version=opset, dynamo=False,
+        dynamic_axes={"pixel_values": {0: "num_patches"}, "rotary_pos_ids": {0: "num_patches"},
+                      "full_segment_ids": {0: "num_patches"}, "window_segment_ids": {0: "num_patches"},
+                      "reverse_index": {0: "num_tokens"}, "image_embeds": {0: "num_tokens"}},
+    )
+    ext = _save(path, _param_bytes(graph))
+    return GraphSpec(
+        path=path.name, external_data=ext,
+        inputs=(TensorSpec("pixel_values", "float32", ("num_patches", dim)),
+                TensorSpec("rotary_pos_ids", "int64", ("num_patches", 2)),
+                TensorSpec("full_segment_ids", "int64", ("num_patches",)),
+                TensorSpec("window_segment_ids", "int64", ("num_patches",)),
+                TensorSpec("reverse_index", "int64", ("num_tokens",))),
+        outputs=(TensorSpec("image_embeds", "float32", ("num_tokens", vc.out_hidden_size)),),
+    )
+
+
+def _vision_spec(model) -> VisionSpec:
+    vc = model.config.vision_config
+    return VisionSpec(
+        depth=vc.depth, hidden_size=vc.hidden_size, num_heads=vc.num_heads, out_hidden_size=vc.out_hidden_size,
+        patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+        window_size=vc.window_size, fullatt_block_indexes=tuple(vc.fullatt_block_indexes), in_channels=vc.in_channels,
+    )
+
+
+def export_embed(model, out: Path, opset: int) -> GraphSpec:
+    import torch
+
+    from .graphs import EmbedGraph
+
+    emb = model.model.language_model.embed_tokens
+    graph = EmbedGraph(emb).eval()
+    path = out / "embed.onnx"
+    torch.onnx.export(
+        graph, (torch.zeros(1, 3, dtype=torch.long),), str(path), input_names=["input_ids"],
+        output_names=["inputs_embeds"], opset_version=opset, dynamo=False,
+        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}},
+    )
+    ext = _save(path, _param_bytes(graph))
+    return GraphSpec(
+        path=path.name, external_data=ext,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
+        outputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", emb.embedding_dim)),),
+    )
+
+
+def export_decoder(model, out: Path, opset: int) -> GraphSpec:
+    import torch
+
+    from .graphs import DecoderGraph
+
+    tc = model.config.text_config
+    graph = DecoderGraph(model).eval()
+    n_layers, kvh, hd = tc.num_hidden_layers, tc.num_key_value_heads, graph.head_dim
+    s, p = 5, 3
+    past_names = [f"past.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    args = (
+        torch.randn(1, s, tc.hidden_size),
+        torch.arange(p, p + s).view(1, 1, s).expand(3, 1, s).contiguous(),
+        torch.ones(1, p + s, dtype=torch.long),
+        torch.tensor([s - 2, s - 1]),
+        *[torch.randn(1, kvh, p, hd) for _ in past_names],
+    )
+    dyn = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {1: "batch", 2: "seq"},
+           "attention_mask": {0: "batch", 1: "total"}, "logits_index": {0: "num_logits"},
+           "logits": {0: "batch", 1: "num_logits"}}
+    dyn.update({n: {0: "batch", 2: "past"} for n in past_names})
+    dyn.update({n: {0: "batch", 2: "total"} for n in present_names})
+    path = out / "decoder.onnx"
+    torch.onnx.export(
+        graph, args, str(path), input_names=["inputs_embeds", "position_ids", "attention_mask", "logits_index",
+                                             *past_names],
+        output_names=["logits", *present_names], opset_version=opset, dynamo=False, dynamic_axes=dyn,
+    )
+    ext = _save(path, _param_bytes(graph))
+    kv_shape = ("batch", kvh, "past", hd)
+    return GraphSpec(
+        path=path.name, external_data=ext,
+        inputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", tc.hidden_size)),
+                TensorSpec("position_ids", "int64", (3, "batch", "seq")),
+                TensorSpec("attention_mask", "int64", ("batch", "total")),
+                TensorSpec("logits_index", "int64", ("num_logits",)),
+                *[TensorSpec(n, "float32", kv_shape) for n in past_names]),
+        outputs=(TensorSpec("logits", "float32", ("batch", "num_logits", tc.vocab_size)),
+                 *[TensorSpec(n, "float32", ("batch", kvh, "total", hd)) for n in present_names]),
+    )
