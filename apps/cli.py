@@ -21,7 +21,8 @@ COMMAND_MODULES = (
     "edge_duet.apps.cmd_infer",  # infer
     "edge_duet.apps.cmd_run",  # run
     "edge_duet.apps.cmd_serve",  # serve
-    "edge_duet.apps.cmd_eval",  # eval, make-benchmark
+    "edge_duet.apps.cmd_eval",  # eval
+    "edge_duet.apps.cmd_bench_data",  # make-benchmark
     "edge_duet.apps.cmd_train",  # train-demo
     "edge_duet.apps.cmd_quant",  # quantize, compare, build-engines
     "edge_duet.apps.cmd_bench",  # bench

@@ -130,7 +130,6 @@ class Session:
         self.tokenizer = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
         self.renderer = ChatRenderer(self.tokenizer, self.manifest.tokens, self.manifest.vision.merge_size)
         prompt = self.manifest.prompt
-        self.system_prompt = options.system_prompt or prompt.system_prompt
         self.max_context_tokens = options.max_context_tokens or prompt.max_context_tokens
         if options.max_new_tokens < 1:
             raise UsageError("max_new_tokens must be at least 1")
@@ -142,8 +141,10 @@ class Session:
         self.reset()
 
     # ------------------------------------------------------------------ public verbs
-    def reset(self) -> None:
-        """Forget the dialogue; the next step starts from the system prompt."""
+    def reset(self, system_prompt: str | None = None) -> None:
+        """Forget the dialogue; the next step starts from the system prompt (``system_prompt`` if given, else
+        the session's default)."""
+        self.system_prompt = system_prompt or self.options.system_prompt or self.manifest.prompt.system_prompt
         self.cache = KVCache.empty(self.manifest)
         self.next_pos = 0
         self.turn = 0
@@ -158,8 +159,11 @@ class Session:
         self.segments.append(system)
         self._pending.ids = list(system.chunks[0].ids)
 
-    def ask(self, text: str, must_reply: bool = False) -> None:
-        """Attach ``text`` (a question or subtitle) to the next turn; several calls join with a newline."""
+    def ask(self, text: str, must_reply: bool = False, t: float | None = None) -> None:
+        """Attach ``text`` (a question or subtitle) to the next turn; several calls join with a newline.
+        ``t``: the turn's video time, for a turn that brings no frames."""
+        if t is not None:
+            self._t = float(t)
         text = text.strip()
         if not text:
             raise InputError("empty question: type some text")
