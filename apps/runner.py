@@ -1,0 +1,512 @@
+"""The `edge-duet run` loop: a source, a clock, a Session, and the people watching.
+
+::
+
+    capture thread --(newest frames)--> FrameSampler --take()--> model thread: ask / add_frames / step --> events
+    stdin thread  --questions--> [bounded queue] -----------------^    |                                   |
+                  --/commands--> handled here, never sent to the model  +--> console, --events JSONL, speech
+    main thread: Ctrl-C, status line, --display window, and the final clean-up (threads joined, files flushed)
+
+The Session is single-threaded: only the model thread touches it, except ``cancel()``, which is thread-safe.
+Operator commands start with ``/`` (``/reset``, ``/quit``, ``/stop``, ``/help``); anything else typed is a
+question for the next turn (``//text`` sends text that starts with ``/``). A question ending in ``?!`` (or
+every question, with ``--must-reply``) demands an answer now: the model's reply is pre-filled with
+``I must reply.``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from edge_duet.runtime.capture import CaptureThread, VideoSource
+from edge_duet.runtime.clock import Clock, FrameSampler, SamplerClosed
+
+COMMANDS = {
+    "reset": "forget the dialogue so far (the model stays loaded)",
+    "stop": "stop the reply being written now",
+    "quit": "finish the current turn and exit",
+    "help": "show this list",
+}
+ALIASES = {"exit": "quit", "q": "quit"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    frame_interval_s: float
+    frames_per_turn: int
+    questions: tuple[str, ...] = ()  # --ask: attached to the first turn
+    must_reply: bool = False  # every question demands an answer now
+    events_path: Path | None = None
+    display: bool = False
+    read_stdin: bool = True
+    status_line: bool | None = None  # None: only when stdout and stderr are terminals
+    must_reply_prefix: str = "I must reply.\n"
+    join_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    must_reply: bool
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # a key of COMMANDS, or what was typed when unknown
+    known: bool = True
+
+
+def parse_input(line: str, must_reply: bool = False) -> Question | Command | None:
+    """One typed line -> a question for the model, an operator command, or nothing (blank)."""
+    text = line.strip()
+    if not text:
+        return None
+    if text.startswith("//"):
+        text = text[1:]
+    elif text.startswith("/"):
+        word = text[1:].split(maxsplit=1)[0].lower() if len(text) > 1 else ""
+        word = ALIASES.get(word, word)
+        return Command(word, known=word in COMMANDS)
+    return as_question(text, must_reply)
+
+
+def as_question(text: str, must_reply: bool = False) -> Question:
+    text = text.strip()
+    if text.endswith("?!"):
+        return Question(text[:-1], True)
+    return Question(text, must_reply)
+
+
+def fmt_t(t: float) -> str:
+    minutes, seconds = divmod(max(0.0, t), 60.0)
+    return f"{int(minutes):02d}:{seconds:04.1f}"
+
+
+class EventLog:
+    """``--events FILE.jsonl``: one JSON object per line, flushed as written (safe to tail while running)."""
+
+    def __init__(self, path: Path | None):
+        self._lock = threading.Lock()
+        self._f = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            return
+        line = json.dumps(record, ensure_ascii=False, default=list)
+        with self._lock:
+            if self._f is not None:
+                self._f.write(line + "\n")
+                self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+
+
+class Console:
+    """Timestamped lines on stdout; a live status line pinned to the terminal's last row.
+
+    The status row lives outside a scroll region, so redrawing it never overwrites what the user is typing.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO, status_line: bool | None):
+        self.out, self.err = out, err
+        if status_line is None:
+            status_line = out.isatty() and err.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+        self.pinned = bool(status_line)
+        self._lock = threading.RLock()  # re-entrant: the Ctrl-C handler may print while the main thread draws
+        self._rows = 0
+        self._status = ""
+        if self.pinned:
+            self._set_region()
+
+    def _set_region(self) -> None:
+        rows = shutil.get_terminal_size((80, 24)).lines
+        if rows != self._rows and rows > 2:
+            self._rows = rows
+            # make room, scroll region = rows 1..N-1, cursor at its bottom
+            self.err.write(f"\n\x1b7\x1b[1;{rows - 1}r\x1b8\x1b[A")
+            self.err.flush()
+
+    def line(self, text: str, stream: TextIO | None = None) -> None:
+        with self._lock:
+            stream = stream or self.out
+            stream.write(text + "\n")
+            stream.flush()
+
+    def note(self, text: str) -> None:
+        self.line(text, self.err)
+
+    def status(self, text: str) -> None:
+        if not self.pinned:
+            return
+        with self._lock:
+            self._set_region()
+            cols = shutil.get_terminal_size((80, 24)).columns
+            self._status = text[: cols - 1]
+            self.err.write(f"\x1b7\x1b[{self._rows};1H\x1b[2K\x1b[7m{self._status}\x1b[0m\x1b8")
+            self.err.flush()
+
+    def close(self) -> None:
+        if self.pinned:
+            with self._lock:
+                self.err.write(f"\x1b7\x1b[r\x1b[{self._rows};1H\x1b[2K\x1b8")
+                self.err.flush()
+            self.pinned = False
+
+
+class LineReader(threading.Thread):
+    """Reads stdin lines without blocking shutdown: ``select`` with a timeout where the stream has a file
+    descriptor; otherwise (an in-memory stream) a plain daemon ``readline`` loop."""
+
+    def __init__(self, stream: TextIO, on_line: Callable[[str], None], stop: threading.Event):
+        super().__init__(name="edge-duet-stdin", daemon=True)
+        self.stream, self.on_line, self.stop = stream, on_line, stop
+        try:
+            self.fd: int | None = stream.fileno()
+            select.select([self.fd], [], [], 0)
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+
+    def run(self) -> None:
+        if self.fd is None:
+            for line in iter(self.stream.readline, ""):
+                if self.stop.is_set():
+                    return
+                self.on_line(line)
+            return
+        pending = b""
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if not ready:
+                continue
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                if pending:
+                    self.on_line(pending.decode("utf-8", "replace"))
+                return
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self.on_line(raw.decode("utf-8", "replace"))
+
+
+class Runner:
+    """Drives one Session from one source until the source ends, ``/quit``, or a second Ctrl-C."""
+
+    def __init__(
+        self,
+        session,
+        source: VideoSource,
+        clock: Clock,
+        options: RunOptions,
+        *,
+        speaker=None,
+        stdin: TextIO | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        banner: str = "",
+    ):
+        self.session = session
+        self.clock = clock
+        self.options = options
+        self.speaker = speaker
+        self.stdin = stdin if stdin is not None else sys.stdin  # None when the process has no stdin
+        self.console = Console(out or sys.stdout, err or sys.stderr, options.status_line)
+        self.events = EventLog(options.events_path)
+        self.sampler = FrameSampler(options.frame_interval_s, options.frames_per_turn, drop_when_full=clock.drops_frames)
+        self.stop = threading.Event()  # everything winds down
+        self.done = threading.Event()  # the model thread has finished
+        self.capture = CaptureThread(
+            source, clock, self.sampler, stop=self.stop, on_status=self._on_source, keep_latest=options.display
+        )
+        self._questions: queue.Queue[Question] = queue.Queue(maxsize=64)
+        self._controls: queue.Queue[str] = queue.Queue(maxsize=8)
+        self._quit = threading.Event()
+        self._interrupts = 0
+        self.exit_code = 0
+        self.end_reason = "eof"
+        self.error: BaseException | None = None
+        self.banner = banner
+        # what the status line and the tests read
+        self.turns = 0
+        self.replies = 0
+        self.lags_s: list[float] = []
+        self.last_latency_s = 0.0
+        self.context = (0, 0)
+        self.partial = ""
+        self.caption = ""
+        self.source_note = ""
+        for text in options.questions:
+            self._questions.put_nowait(as_question(text, options.must_reply))
+
+    # ------------------------------------------------------------------ inputs (any thread)
+    def submit(self, line: str) -> None:
+        """A line typed by the user: a question for the next turn, or an operator command."""
+        item = parse_input(line, self.options.must_reply)
+        if item is None:
+            return
+        if isinstance(item, Question):
+            try:
+                self._questions.put_nowait(item)
+            except queue.Full:
+                self.console.note("(too many questions waiting; this one was not taken)")
+            return
+        if not item.known:
+            self.console.note(f"unknown command /{item.name}; commands: " + ", ".join(f"/{c}" for c in COMMANDS)
+                              + " (start a line with // to send a question that starts with /)")
+        elif item.name == "help":
+            self.console.note("\n".join(f"  /{c:<6} {h}" for c, h in COMMANDS.items())
+                              + "\n  a question ending in ?! demands an answer now")
+        elif item.name == "stop":
+            self.session.cancel()
+        elif item.name == "quit":
+            self.request_quit()
+        elif item.name == "reset":
+            self._controls.put_nowait("reset")
+
+    def request_quit(self, reason: str = "quit") -> None:
+        self.end_reason = reason
+        self._quit.set()
+        self.sampler.abort()
+
+    def interrupt(self) -> None:
+        """Ctrl-C: the first stops the reply being written, the second ends the run with code 130."""
+        self._interrupts += 1
+        self.session.cancel()
+        if self._interrupts == 1:
+            self.console.note("^C stopped the current reply; press Ctrl-C again to exit (or type /quit)")
+            return
+        self.exit_code = 130
+        self.end_reason = "interrupt"
+        self.stop.set()
+        self.sampler.abort()
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        self.events.write({
+            "event": "run", "source": self.capture.spec.describe(), "clock": self.clock.name,
+            "frame_interval_s": self.options.frame_interval_s, "frames_per_turn": self.options.frames_per_turn,
+        })
+        if self.banner:
+            self.console.note(self.banner)
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt())
+        # daemon: a model call that ignores cancel() must not keep the process alive after the second Ctrl-C
+        model = threading.Thread(target=self._model_loop, name="edge-duet-model", daemon=True)
+        reader = None
+        if self.options.read_stdin and self.stdin is not None and not self.stdin.closed:
+            reader = LineReader(self.stdin, self.submit, self.stop)
+        try:
+            self.capture.start()
+            model.start()
+            if reader is not None:
+                reader.start()
+            window = _Window() if self.options.display else None
+            while not self.done.wait(0.03 if window else 0.25) and not self.stop.is_set():
+                if window is not None and not window.show(self):
+                    self.request_quit()
+                self.console.status(self._status_text())
+            if window is not None:
+                window.close()
+        finally:
+            self.stop.set()
+            self.sampler.abort()
+            self.capture.join(self.options.join_timeout_s)
+            model.join(self.options.join_timeout_s)
+            if reader is not None and reader.fd is not None:
+                reader.join(1.0)
+            if self.speaker is not None:
+                self.speaker.close(finish=self.exit_code == 0 and self.error is None, timeout=15.0)
+            self._write_end()
+            self.events.close()
+            self.console.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if self.error is not None:
+            raise self.error
+        if self.capture.error is not None and self.end_reason == "eof":
+            raise self.capture.error
+        return self.exit_code
+
+    def _model_loop(self) -> None:
+        try:
+            ended = self._turns()
+            if ended and not self.stop.is_set():
+                for ev in self.session.finish():
+                    self._on_event(ev)
+        except BaseException as exc:  # surfaced by run() after the clean-up
+            self.error = exc
+            self.exit_code = getattr(exc, "exit_code", 1)
+        finally:
+            self.stop.set()
+            self.sampler.abort()
+            self.done.set()
+
+    def _turns(self) -> bool:
+        """Process turns until the source ends or the run stops; ``True`` when the stream ended normally."""
+        while not self.stop.is_set():
+            self._apply_controls()
+            if self._quit.is_set():
+                return True
+            try:
+                turn = self.sampler.take(timeout=0.1)
+            except SamplerClosed:
+                return True
+            if turn is None:
+                continue
+            question = self._drain_questions()
+            lag = self.clock.lag(turn.t)
+            self.lags_s.append(lag)
+            self.events.write({
+                "event": "frames", "t": turn.t, "times_s": list(turn.times_s), "lag_s": round(lag, 4),
+                "dropped_frames": self.sampler.dropped_frames, "missed_samples": self.sampler.missed_samples,
+            })
+            if question is not None:
+                self.session.ask(question.text, must_reply=question.must_reply)
+            self.session.add_frames(list(turn.frames), t=turn.t, channels="bgr")
+            started = time.monotonic()
+            for ev in self.session.step():
+                self._on_event(ev)
+            self.last_latency_s = time.monotonic() - started
+            self.turns += 1
+        return False
+
+    def _drain_questions(self) -> Question | None:
+        items: list[Question] = []
+        while True:
+            try:
+                items.append(self._questions.get_nowait())
+            except queue.Empty:
+                break
+        if not items:
+            return None
+        return Question("\n".join(q.text for q in items), any(q.must_reply for q in items))
+
+    def _apply_controls(self) -> None:
+        while True:
+            try:
+                name = self._controls.get_nowait()
+            except queue.Empty:
+                return
+            if name == "reset":
+                self.session.reset()
+                self.partial = self.caption = ""
+                self.events.write({"event": "command", "name": "reset", "t": round(self.clock.now(), 3)})
+                self.console.note(f"[{fmt_t(self.clock.now())}] (dialogue reset; the model keeps watching)")
+
+    # ------------------------------------------------------------------ outputs
+    def _on_event(self, ev) -> None:
+        kind = type(ev).__name__
+        if kind == "TokenDelta":
+            self.partial += ev.text
+            return
+        self.events.write(ev.to_dict())
+        if kind == "TurnStarted" and ev.question:
+            mark = " (answer now)" if ev.must_reply else ""
+            self.console.line(f"[{fmt_t(ev.t)}] you{mark}: {ev.question}")
+        elif kind == "Reply":
+            self.partial = ""
+            self.replies += 1
+            text = ev.text
+            if text.startswith(self.options.must_reply_prefix):
+                text = text[len(self.options.must_reply_prefix):]
+            text = text.strip()
+            self.caption = text
+            self.console.line(f"[{fmt_t(ev.t)}] assistant: {text}")
+            if self.speaker is not None:
+                self.speaker.say(text, t=ev.t, turn=ev.turn)
+        elif kind == "Silence":
+            self.partial = ""
+        elif kind == "TurnStats":
+            self.context = (ev.context_tokens, ev.max_context_tokens)
+        elif kind == "Evicted":
+            self.console.note(f"[{fmt_t(ev.t)}] (context full: dropped {ev.removed_tokens} old tokens)")
+
+    def _on_source(self, status: str, message: str) -> None:
+        self.events.write({"event": "source", "status": status, "message": message, "t": round(self.clock.now(), 3)})
+        self.source_note = "" if status in ("reconnected", "eof") else message
+        if status in ("lost", "reconnected", "error") or (status == "corrupt" and message.startswith("skipped 1 ")):
+            self.console.note(f"[{fmt_t(self.clock.now())}] ({message})")
+
+    def _status_text(self) -> str:
+        used, cap = self.context
+        fill = f"{used}/{cap} ({100 * used / cap:.0f}%)" if cap else "-"
+        lag = self.lags_s[-1] if self.lags_s else 0.0
+        parts = [
+            f"turn {self.turns}", fmt_t(self.clock.now()), f"{self.last_latency_s:.2f} s/turn", f"lag {lag:.1f} s",
+            f"dropped {self.sampler.dropped_frames}", f"context {fill}",
+        ]
+        if self.source_note:
+            parts.append(self.source_note)
+        elif self.partial:
+            parts.append("… " + " ".join(self.partial.split())[-60:])
+        return " · ".join(parts)
+
+    def _write_end(self) -> None:
+        self.events.write({
+            "event": "end", "reason": "error" if self.error else self.end_reason, "exit_code": self.exit_code,
+            "turns": self.turns, "replies": self.replies, "dropped_frames": self.sampler.dropped_frames,
+            "missed_samples": self.sampler.missed_samples, "corrupt_frames": self.capture.corrupt_frames,
+            "reconnects": self.capture.reconnects, "max_lag_s": round(max(self.lags_s, default=0.0), 4),
+        })
+
+
+def display_available() -> tuple[bool, str]:
+    """Whether an OpenCV window can open here. Checked first: without a display OpenCV aborts the process."""
+    import cv2
+
+    gui = next((ln.split(":", 1)[1].strip() for ln in cv2.getBuildInformation().splitlines()
+                if ln.strip().startswith("GUI:")), "NONE")
+    if gui.upper() == "NONE":
+        return False, ("this OpenCV has no GUI support (opencv-python-headless): "
+                       "`pip uninstall opencv-python-headless && pip install opencv-python` (or JetPack's OpenCV)")
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False, "no display: DISPLAY and WAYLAND_DISPLAY are unset (over SSH, use `ssh -X` or run on the device's desktop)"
+    return True, gui
+
+
+class _Window:
+    """The --display window: newest frame, the last reply as a caption, the status line. Main thread only."""
+
+    NAME = "edge-duet"
+
+    def __init__(self) -> None:
+        import cv2
+
+        self.cv2 = cv2
+        cv2.namedWindow(self.NAME, cv2.WINDOW_NORMAL)
+
+    def show(self, runner: Runner) -> bool:
+        cv2 = self.cv2
+        item = runner.capture.latest.get() if runner.capture.latest is not None else None
+        if item is not None:
+            frame = item[1].copy()
+            h, w = frame.shape[:2]
+            for row, (text, scale) in enumerate(((runner.caption[-90:], 0.7), (runner._status_text()[:110], 0.45))):
+                y = h - 12 - row * 30 if row == 0 else 20
+                cv2.putText(frame, text, (10, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 4, cv2.LINE_AA)
+                cv2.putText(frame, text, (10, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+            cv2.imshow(self.NAME, frame)
+        key = cv2.waitKey(1) & 0xFF
+        return key not in (ord("q"), 27)
+
+    def close(self) -> None:
+        self.cv2.destroyWindow(self.NAME)

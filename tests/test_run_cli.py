@@ -1,0 +1,433 @@
+"""`edge-duet run`: scheduling and drop policy (with a fake model), typed input, Ctrl-C, the CLI's errors, and
+end-to-end runs on generated videos, a local RTSP server and a stream killed mid-run (with a tiny real bundle)."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edge_duet.apps.cli import app
+from edge_duet.apps.runner import Command, Question, Runner, RunOptions, display_available, parse_input
+from edge_duet.runtime.capture import SourceSpec, as_bgr, open_source
+from edge_duet.runtime.clock import LiveClock, SimulatedClock
+from edge_duet.runtime.events import Reply, Silence, TurnStarted, TurnStats
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def make_video(path: Path, seconds: float = 6.0, fps: int = 10, size: int = 96) -> Path:
+    """A moving, colour-changing disc on grey: frames differ, so a real model sees something happen."""
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+    assert w.isOpened()
+    for i in range(int(seconds * fps)):
+        img = np.full((size, size, 3), 128, np.uint8)
+        x = int(size * (0.2 + 0.6 * i / (seconds * fps)))
+        colour = (40, 40, 225) if i < seconds * fps / 2 else (50, 190, 40)
+        cv2.circle(img, (x, size // 2), size // 6, colour, -1)
+        w.write(img)
+    w.release()
+    return path
+
+
+def read_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(cond, timeout=20.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return cond()
+
+
+class FakeManifest:
+    class prompt:
+        frame_interval_s = 1.0
+        frames_per_turn = 2
+        must_reply_prefix = "I must reply.\n"
+
+    name = "fake"
+    variant = "fp32"
+
+
+class FakeSession:
+    """The Session verbs with scripted behaviour, for scheduling tests only (no model)."""
+
+    def __init__(self, step_s: float = 0.0, reply_on_question: bool = True):
+        self.step_s = step_s
+        self.reply_on_question = reply_on_question
+        self.manifest = FakeManifest()
+        self.turn = 0
+        self.asked: list[tuple[str, bool]] = []
+        self.frames_seen: list[tuple[float, int]] = []
+        self.resets = 0
+        self.cancels = 0
+        self.finished = False
+        self._q: tuple[str, bool] | None = None
+        self._n = 0
+        self._t = 0.0
+        self._cancel = threading.Event()
+
+    def ask(self, text, must_reply=False):
+        assert not text.startswith("/"), f"an operator command reached the model: {text!r}"
+        self.asked.append((text, must_reply))
+        self._q = (text, must_reply)
+
+    def add_frames(self, frames, t, channels="bgr"):
+        assert channels == "bgr" and all(f.dtype == np.uint8 and f.ndim == 3 for f in frames)
+        self._n += len(frames)
+        self._t = t
+        self.frames_seen.append((t, len(frames)))
+
+    def step(self):
+        turn, t, q = self.turn, self._t, self._q
+        self.turn += 1
+        self._q, n, self._n = None, self._n, 0
+        self._cancel.clear()
+        yield TurnStarted(turn, t, n, q[0] if q else None, q[1] if q else False)
+        deadline = time.monotonic() + self.step_s
+        while time.monotonic() < deadline and not self._cancel.is_set():
+            time.sleep(0.005)
+        if q and self.reply_on_question:
+            prefix = "I must reply.\n" if q[1] else ""
+            yield Reply(turn, t, f"{prefix}answer to {q[0]}", (1, 2), self.step_s)
+        else:
+            yield Silence(turn, t)
+        yield TurnStats(turn, t, 0.0, 0.0, self.step_s, 1, 0, 100 * (turn + 1), 1000, n, 0)
+
+    def finish(self):
+        self.finished = True
+        return iter(())
+
+    def cancel(self):
+        self.cancels += 1
+        self._cancel.set()
+
+    def reset(self):
+        self.resets += 1
+
+
+class SyntheticCamera:
+    """A live source delivering ``fps`` frames a second, like a webcam."""
+
+    def __init__(self, fps: float = 100.0):
+        self.spec = SourceSpec("camera", "0")
+        self.fps = fps
+        self.frame_count = 0
+        self.frames_grabbed = 0
+        self.released = False
+
+    def grab(self):
+        time.sleep(1 / self.fps)
+        self.frames_grabbed += 1
+        return True
+
+    def retrieve(self):
+        return as_bgr(np.full((32, 32, 3), self.frames_grabbed % 256, np.uint8))
+
+    def media_ts(self):
+        return None
+
+    def release(self):
+        self.released = True
+
+
+def quiet_runner(session, source, clock, tmp_path, **kw) -> tuple[Runner, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    opts = dict(frame_interval_s=1.0, frames_per_turn=2, events_path=tmp_path / "events.jsonl", read_stdin=False,
+                status_line=False)
+    opts.update(kw.pop("options", {}))
+    runner = Runner(session, source, clock, RunOptions(**opts), out=out, err=err, **kw)
+    return runner, out, err
+
+
+# ------------------------------------------------------------------------------------------ typed input
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("what colour is it?", Question("what colour is it?", False)),
+        ("what colour is it?!", Question("what colour is it?", True)),
+        ("  please reset the counter  ", Question("please reset the counter", False)),  # a word, not a command
+        ("how do I quit smoking?", Question("how do I quit smoking?", False)),
+        ("/reset", Command("reset")),
+        ("/QUIT", Command("quit")),
+        ("/exit", Command("quit")),
+        ("/stop now", Command("stop")),
+        ("/frobnicate", Command("frobnicate", known=False)),
+        ("//reset is a path", Question("/reset is a path", False)),
+        ("   ", None),
+    ],
+)
+def test_parse_input(line, expected):
+    assert parse_input(line) == expected
+
+
+def test_must_reply_option_applies_to_every_question():
+    assert parse_input("anything new", must_reply=True) == Question("anything new", True)
+
+
+# ------------------------------------------------------------------------------------------ scheduling
+
+
+def test_slow_model_drops_frames_instead_of_queueing_them(tmp_path):
+    """A model 4x slower than the frames: samples are dropped (newest wins), the hand-off never holds more than
+    one turn, and the lag between a frame and the model seeing it stays bounded instead of growing."""
+    session = FakeSession(step_s=0.4)
+    runner, _, _ = quiet_runner(session, SyntheticCamera(fps=100), LiveClock(), tmp_path,
+                                options=dict(frame_interval_s=0.05, frames_per_turn=2))
+    threading.Timer(3.0, runner.request_quit).start()
+    assert runner.run() == 0
+    assert runner.turns >= 4
+    assert runner.sampler.max_buffered <= 2
+    assert runner.sampler.dropped_frames > 3 * runner.turns  # ~8 samples per 0.4 s turn, 2 used
+    processed = sum(n for _, n in session.frames_seen)
+    assert processed + runner.sampler.dropped_frames + runner.sampler.buffered >= runner.sampler.sampled_frames - 2
+    lags = runner.lags_s
+    assert max(lags) < 0.3, lags  # an unbounded queue would be seconds behind by now
+    assert np.mean(lags[-3:]) < np.mean(lags[:3]) + 0.15, lags  # not growing
+    times = [t for t, _ in session.frames_seen]
+    assert all(b - a > 0.3 for a, b in zip(times, times[1:]))  # each turn jumps to the present
+    events = read_events(tmp_path / "events.jsonl")
+    frames = [e for e in events if e["event"] == "frames"]
+    assert frames[-1]["dropped_frames"] > 0
+    assert events[-1]["event"] == "end" and events[-1]["dropped_frames"] == runner.sampler.dropped_frames
+
+
+def test_fast_clock_processes_every_sampled_frame_whatever_the_model_speed(tmp_path):
+    video = make_video(tmp_path / "v.mp4", seconds=5.0)
+    results = []
+    for step_s in (0.0, 0.15):
+        session = FakeSession(step_s=step_s)
+        runner, _, _ = quiet_runner(session, open_source(SourceSpec("file", str(video))), SimulatedClock(), tmp_path)
+        assert runner.run() == 0
+        assert runner.sampler.dropped_frames == 0
+        assert session.finished
+        results.append(session.frames_seen)
+    assert results[0] == results[1] == [(1.0, 2), (3.0, 2), (4.0, 1)]  # 0,1 | 2,3 | 4 (the last, short turn)
+
+
+def test_questions_attach_to_the_next_turn_and_commands_never_reach_the_model(tmp_path):
+    session = FakeSession(step_s=0.05)
+    runner, out, err = quiet_runner(session, SyntheticCamera(fps=50), LiveClock(), tmp_path,
+                                    options=dict(frame_interval_s=0.05, frames_per_turn=1, questions=("what is here?",)))
+
+    def typist():
+        assert wait_for(lambda: session.turn >= 2, 10)
+        runner.submit("what colour is it?!")
+        assert wait_for(lambda: len(session.asked) >= 2, 10)
+        runner.submit("/reset")
+        runner.submit("please reset the view")  # a question that mentions reset
+        runner.submit("/bogus")
+        runner.submit("/help")
+        assert wait_for(lambda: session.resets == 1 and len(session.asked) >= 3, 10)
+        runner.submit("/quit")
+
+    th = threading.Thread(target=typist)
+    th.start()
+    assert runner.run() == 0
+    th.join(5)
+    assert session.asked == [("what is here?", False), ("what colour is it?", True), ("please reset the view", False)]
+    assert session.resets == 1 and session.finished
+    text = out.getvalue()
+    assert "you: what is here?" in text
+    assert "you (answer now): what colour is it?" in text
+    assert "assistant: answer to what colour is it?" in text and "I must reply" not in text
+    notes = err.getvalue()
+    assert "unknown command /bogus" in notes and "/reset" in notes and "dialogue reset" in notes
+    events = read_events(tmp_path / "events.jsonl")
+    assert any(e["event"] == "command" and e["name"] == "reset" for e in events)
+    assert events[-1]["event"] == "end" and events[-1]["reason"] == "quit"
+    assert [e["question"] for e in events if e["event"] == "turn" and e["question"]] == [
+        "what is here?", "what colour is it?", "please reset the view"]
+
+
+def test_stdin_lines_are_read_and_stdin_end_does_not_stop_a_live_run(tmp_path):
+    session = FakeSession(step_s=0.02)
+    r, w = os.pipe()
+    stdin = os.fdopen(r, "r")
+    runner, _, _ = quiet_runner(session, SyntheticCamera(fps=50), LiveClock(), tmp_path, stdin=stdin,
+                                options=dict(frame_interval_s=0.05, frames_per_turn=1, read_stdin=True))
+
+    def typist():
+        os.write(w, "hello there\n".encode())
+        os.close(w)  # stdin ends: the camera keeps running
+        assert wait_for(lambda: session.asked, 10)
+        time.sleep(0.3)
+        runner.request_quit()
+
+    th = threading.Thread(target=typist)
+    th.start()
+    assert runner.run() == 0
+    th.join(5)
+    stdin.close()
+    assert session.asked == [("hello there", False)]
+    assert runner.turns > 5
+
+
+def test_ctrl_c_first_cancels_the_reply_then_exits_130(tmp_path):
+    session = FakeSession(step_s=5.0)  # a long "reply" that only cancel() shortens
+    runner, _, err = quiet_runner(session, SyntheticCamera(fps=50), LiveClock(), tmp_path,
+                                  options=dict(frame_interval_s=0.05, frames_per_turn=1))
+    pid = os.getpid()
+
+    def press():
+        assert wait_for(lambda: session.turn >= 1, 10)
+        os.kill(pid, signal.SIGINT)  # handled by the runner, not KeyboardInterrupt
+        assert wait_for(lambda: session.turn >= 2, 10)  # the run went on with the next turn
+        os.kill(pid, signal.SIGINT)
+
+    th = threading.Thread(target=press)
+    before = signal.getsignal(signal.SIGINT)
+    th.start()
+    t0 = time.monotonic()
+    assert runner.run() == 130
+    th.join(5)
+    assert time.monotonic() - t0 < 8  # neither 5 s step ran to its end
+    assert session.cancels >= 2
+    assert "press Ctrl-C again" in err.getvalue()
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+    events = read_events(tmp_path / "events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["reason"] == "interrupt" and events[-1]["exit_code"] == 130
+    assert not runner.capture.is_alive()
+
+
+def test_events_file_is_flushed_while_running(tmp_path):
+    session = FakeSession(step_s=0.02)
+    runner, _, _ = quiet_runner(session, SyntheticCamera(fps=50), LiveClock(), tmp_path,
+                                options=dict(frame_interval_s=0.05, frames_per_turn=1, questions=("hi?",)))
+    seen = []
+
+    def reader():
+        assert wait_for(lambda: session.turn >= 3, 10)
+        seen.extend(read_events(tmp_path / "events.jsonl"))  # while the file is still open
+        runner.request_quit()
+
+    th = threading.Thread(target=reader)
+    th.start()
+    runner.run()
+    th.join(5)
+    kinds = [e["event"] for e in seen]
+    assert kinds[0] == "run" and "frames" in kinds and "turn" in kinds and "reply" in kinds and "stats" in kinds
+
+
+def test_model_error_ends_the_run_and_is_raised_after_cleanup(tmp_path):
+    class Broken(FakeSession):
+        def step(self):
+            raise RuntimeError("decoder exploded")
+            yield  # pragma: no cover
+
+    runner, _, _ = quiet_runner(Broken(), SyntheticCamera(fps=50), LiveClock(), tmp_path,
+                                options=dict(frame_interval_s=0.05, frames_per_turn=1))
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        runner.run()
+    assert not runner.capture.is_alive()
+    assert read_events(tmp_path / "events.jsonl")[-1]["reason"] == "error"
+
+
+def test_speech_gets_final_replies_without_the_must_reply_prefix(tmp_path):
+    said = []
+
+    class Speaker:
+        def say(self, text, t=0.0, turn=0):
+            said.append((text, t))
+
+        def close(self, timeout=5.0, finish=False):
+            said.append(("<closed>", finish))
+
+    video = make_video(tmp_path / "v.mp4", seconds=3.0)
+    runner, _, _ = quiet_runner(FakeSession(), open_source(SourceSpec("file", str(video))), SimulatedClock(), tmp_path,
+                                speaker=Speaker(), options=dict(questions=("what is it?!",)))
+    assert runner.run() == 0
+    assert said == [("answer to what is it?", 1.0), ("<closed>", True)]
+
+
+# ------------------------------------------------------------------------------------------ CLI without a model
+
+
+cli = CliRunner()
+
+
+def invoke(args, **kw):
+    return cli.invoke(app, ["run", *args], **kw)
+
+
+def test_cli_needs_exactly_one_source(tmp_path):
+    r = invoke([])
+    assert r.exit_code == 2 and "no source" in r.output and "--demo" in r.output
+    r = invoke(["--camera", "0", "--video", "x.mp4"])
+    assert r.exit_code == 2 and "one source" in r.output
+    r = invoke(["--demo", "--camera", "0"])
+    assert r.exit_code == 2
+
+
+def test_cli_fast_is_for_files_only():
+    r = invoke(["--camera", "0", "--fast", "--model", "/nonexistent"])
+    assert r.exit_code == 2 and "--fast plays files only" in r.output
+
+
+def test_cli_missing_camera_lists_what_to_try(tmp_path):
+    r = invoke(["--camera", "63", "--model", str(tmp_path / "bundle")])
+    assert r.exit_code == 7, r.output
+    for hint in ("camera 63", "--gst", "--url", "--video FILE", "--demo"):
+        assert hint in r.output
+
+
+def test_cli_missing_video_file(tmp_path):
+    r = invoke(["--video", str(tmp_path / "nope.mp4"), "--model", str(tmp_path / "bundle")])
+    assert r.exit_code == 7 and "no video file" in r.output
+
+
+def test_cli_display_without_a_display_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    ok, why = display_available()
+    assert not ok and why
+    r = invoke(["--video", str(make_video(tmp_path / "v.mp4", 1.0)), "--display", "--model", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--display cannot open a window" in r.output
+
+
+def test_cli_missing_model_says_which_bundle_to_pass(tmp_path):
+    r = invoke(["--video", str(make_video(tmp_path / "v.mp4", 1.0)), "--model", str(tmp_path / "no-bundle")])
+    assert r.exit_code == 4 and "edge-duet export" in r.output
+
+
+def test_cli_demo_without_the_demo_model_is_a_clear_error(tmp_path, monkeypatch):
+    from edge_duet.apps import common
+
+    if (common.default_model_dir() / "manifest.json").is_file():
+        pytest.skip("the demo model is installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = invoke(["--demo"])
+    assert r.exit_code == 4 and "demo model is missing" in r.output
+
+
+def test_demo_scene_renders_a_playable_video(tmp_path):
+    from edge_duet.apps.demo_scene import write_demo_video
+
+    path = write_demo_video(tmp_path / "demo.mp4", duration_s=3.0, fps=5)
+    src = open_source(SourceSpec("file", str(path)))
+    n = 1
+    while src.grab():
+        n += 1
+    src.release()
+    assert n - 1 == 15
