@@ -88,6 +88,11 @@ def as_question(text: str, must_reply: bool = False) -> Question:
     return Question(text, must_reply)
 
 
+def one_line(text: str) -> str:
+    """Model text made safe for a terminal: control characters (escape sequences too) become spaces."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+
+
 def fmt_t(t: float) -> str:
     minutes, seconds = divmod(max(0.0, t), 60.0)
     return f"{int(minutes):02d}:{seconds:04.1f}"
@@ -421,14 +426,14 @@ class Runner:
         self.events.write(ev.to_dict())
         if kind == "TurnStarted" and ev.question:
             mark = " (answer now)" if ev.must_reply else ""
-            self.console.line(f"[{fmt_t(ev.t)}] you{mark}: {ev.question}")
+            self.console.line(f"[{fmt_t(ev.t)}] you{mark}: {one_line(ev.question)}")
         elif kind == "Reply":
             self.partial = ""
             self.replies += 1
             text = ev.text
             if text.startswith(self.options.must_reply_prefix):
                 text = text[len(self.options.must_reply_prefix):]
-            text = text.strip()
+            text = one_line(text)
             self.caption = text
             self.console.line(f"[{fmt_t(ev.t)}] assistant: {text}")
             if self.speaker is not None:
@@ -457,7 +462,7 @@ class Runner:
         if self.source_note:
             parts.append(self.source_note)
         elif self.partial:
-            parts.append("… " + " ".join(self.partial.split())[-60:])
+            parts.append("… " + one_line(self.partial)[-60:])
         return " · ".join(parts)
 
     def _write_end(self) -> None:

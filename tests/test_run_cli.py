@@ -431,3 +431,239 @@ def test_demo_scene_renders_a_playable_video(tmp_path):
         n += 1
     src.release()
     assert n - 1 == 15
+
+
+# ------------------------------------------------------------------------------------------ end to end, tiny real bundle
+
+
+def run_fast(bundle: Path, video: Path, events: Path, *extra: str):
+    r = invoke(["--video", str(video), "--fast", "--events", str(events), "--model", str(bundle), *extra])
+    assert r.exit_code == 0, r.output
+    return r, read_events(events)
+
+
+def test_e2e_fast_run_on_a_generated_video(tiny_bundle, tmp_path):
+    video = make_video(tmp_path / "scene.mp4", seconds=6.0)
+    r, events = run_fast(tiny_bundle, video, tmp_path / "a.jsonl", "--ask", "what is moving?")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run" and events[0]["clock"] == "fast"
+    assert kinds[-1] == "end" and events[-1]["reason"] == "eof" and events[-1]["exit_code"] == 0
+    turns = [e for e in events if e["event"] == "turn"]
+    assert [(e["turn"], e["t"], e["n_frames"]) for e in turns] == [(0, 1.0, 2), (1, 3.0, 2), (2, 5.0, 2)]
+    assert turns[0]["question"] == "what is moving?" and turns[1]["question"] is None
+    assert [e["times_s"] for e in events if e["event"] == "frames"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert len([e for e in events if e["event"] == "stats"]) == 3
+    # every turn ends with exactly one decision (a late reply may replace a provisional silence)
+    decided = {e["turn"] for e in events if e["event"] in ("reply", "silence")}
+    assert decided == {0, 1, 2}
+    assert all(e["dropped_frames"] == 0 for e in events if e["event"] == "frames")
+    assert "token" not in kinds  # deltas stay out of the file
+    for e in events:
+        if e["event"] == "reply":
+            assert f"assistant: " in r.stdout
+    # deterministic: the same file gives the same dialogue
+    _, again = run_fast(tiny_bundle, video, tmp_path / "b.jsonl", "--ask", "what is moving?")
+    strip = lambda evs: [(e["event"], e.get("turn"), e.get("text")) for e in evs if e["event"] in ("turn", "reply", "silence")]
+    assert strip(events) == strip(again)
+
+
+def test_e2e_must_reply_and_sampling_options(tiny_bundle, tmp_path):
+    video = make_video(tmp_path / "scene.mp4", seconds=3.0)
+    r, events = run_fast(tiny_bundle, video, tmp_path / "e.jsonl", "--ask", "what colour is it?!",
+                         "--frame-interval", "0.5", "--frames-per-turn", "1", "--max-new-tokens", "8")
+    turns = [e for e in events if e["event"] == "turn"]
+    assert [e["t"] for e in turns] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert turns[0]["must_reply"] and turns[0]["question"] == "what colour is it?"
+    assert any(e["event"] in ("reply", "silence") and e["turn"] == 0 for e in events)
+    assert "you (answer now): what colour is it?" in r.stdout
+    assert "I must reply" not in r.stdout  # the prefill is the model's cue, not something to show
+    assert all(len(e["token_ids"]) <= 8 + 8 for e in events if e["event"] == "reply")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt install espeak-ng)")
+def test_e2e_spoken_replies_are_written_as_wavs(tiny_bundle, tmp_path):
+    from edge_duet.runtime.speech import find_player
+
+    video = make_video(tmp_path / "scene.mp4", seconds=2.0)
+    r, events = run_fast(tiny_bundle, video, tmp_path / "s.jsonl", "--ask", "say something?!", "--speak",
+                         "--audio-dir", str(tmp_path / "speech"), "--max-new-tokens", "12")
+    replies = [e for e in events if e["event"] == "reply"]
+    assert replies
+    wavs = sorted((tmp_path / "speech").glob("*.wav"))
+    assert wavs and wavs[-1].stat().st_size > 1000
+    if find_player()[0] is None:
+        assert r.stderr.count("no audio device") == 1
+
+
+def _cli_process(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "edge_duet.apps.cli", "run", *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw)
+
+
+def _events_so_far(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+RTSP_SERVER = r'''
+import sys
+import gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer
+Gst.init(None)
+server = GstRtspServer.RTSPServer()
+server.set_address("127.0.0.1")
+server.set_service(sys.argv[1])
+factory = GstRtspServer.RTSPMediaFactory()
+factory.set_launch("( videotestsrc is-live=true pattern=ball ! video/x-raw,width=160,height=120,framerate=10/1 ! "
+                   "videoconvert ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! "
+                   "rtph264pay name=pay0 pt=96 config-interval=1 )")
+factory.set_shared(True)
+server.get_mount_points().add_factory("/cam", factory)
+if server.attach(None) == 0:
+    sys.exit("cannot bind")
+print("READY", flush=True)
+GLib.MainLoop().run()
+'''
+
+
+def _rtsp_server_python() -> str | None:
+    """A Python with GStreamer's RTSP server bindings and an H.264 encoder (Debian: python3-gi,
+    gir1.2-gst-rtsp-server-1.0, gstreamer1.0-plugins-ugly), or None."""
+    for exe in ("/usr/bin/python3", shutil.which("python3"), sys.executable):
+        if not exe or not os.path.exists(exe):
+            continue
+        probe = ("import gi; gi.require_version('Gst','1.0'); gi.require_version('GstRtspServer','1.0'); "
+                 "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+                 "assert Gst.ElementFactory.find('x264enc') and Gst.ElementFactory.find('videotestsrc')")
+        if subprocess.run([exe, "-c", probe], capture_output=True, timeout=30).returncode == 0:
+            return exe
+    return None
+
+
+def test_e2e_rtsp_stream_from_a_local_gstreamer_server(tiny_bundle, tmp_path):
+    python = _rtsp_server_python()
+    if python is None:
+        pytest.skip("no GStreamer RTSP server: apt install python3-gi gir1.2-gst-rtsp-server-1.0 "
+                    "gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly")
+    (tmp_path / "rtsp.py").write_text(RTSP_SERVER)
+    port = free_port()
+    server = subprocess.Popen([python, str(tmp_path / "rtsp.py"), str(port)], stdout=subprocess.PIPE, text=True)
+    events = tmp_path / "rtsp.jsonl"
+    proc = None
+    try:
+        assert server.stdout.readline().strip() == "READY"
+        proc = _cli_process(["--url", f"rtsp://127.0.0.1:{port}/cam", "--model", str(tiny_bundle), "--events",
+                             str(events), "--frame-interval", "0.25", "--frames-per-turn", "1",
+                             "--max-new-tokens", "4", "--ask", "what is bouncing?"])
+        assert wait_for(lambda: sum(e["event"] == "turn" for e in _events_so_far(events)) >= 3, 60), (
+            proc.poll(), _events_so_far(events))
+        proc.stdin.write(b"/quit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        server.terminate()
+        server.wait(10)
+    evs = read_events(events)
+    assert evs[0]["event"] == "run" and evs[0]["clock"] == "live"
+    assert evs[-1]["event"] == "end" and evs[-1]["reason"] == "quit"
+    assert [e for e in evs if e["event"] == "turn"][0]["question"] == "what is bouncing?"
+
+
+class MjpegServer:
+    """An MJPEG-over-HTTP camera that can be killed and brought back on the same port."""
+
+    def __init__(self, port: int, fps: float = 25.0):
+        self.port, self.fps, self.running, self._srv = port, fps, False, None
+
+    def start(self) -> "MjpegServer":
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                try:
+                    while outer.running:
+                        _, buf = cv2.imencode(".jpg", np.full((48, 64, 3), (i * 9) % 256, np.uint8))
+                        data = buf.tobytes()
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data))
+                        self.wfile.write(data + b"\r\n")
+                        i += 1
+                        time.sleep(1 / outer.fps)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.running = True
+        self._srv = Server(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.running = False
+        if self._srv is not None:
+            self._srv.shutdown()
+            self._srv.server_close()
+            self._srv = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_e2e_source_killed_mid_run_recovers_and_ctrl_c_exits_130(tiny_bundle, tmp_path):
+    """The stream dies mid-run: the run says so, keeps the dialogue, reconnects when the stream is back;
+    then Ctrl-C twice ends it with 130 and a complete events file."""
+    server = MjpegServer(free_port()).start()
+    events = tmp_path / "kill.jsonl"
+    proc = _cli_process(["--url", f"http://127.0.0.1:{server.port}/cam.mjpg", "--model", str(tiny_bundle),
+                         "--events", str(events), "--frame-interval", "0.2", "--frames-per-turn", "1",
+                         "--max-new-tokens", "4"])
+    try:
+        turns = lambda: [e for e in _events_so_far(events) if e["event"] == "turn"]
+        statuses = lambda: [e["status"] for e in _events_so_far(events) if e["event"] == "source"]
+        assert wait_for(lambda: len(turns()) >= 3, 60), proc.poll()
+        server.stop()
+        assert wait_for(lambda: "lost" in statuses(), 30), statuses()
+        turns_before = len(turns())
+        time.sleep(1.5)  # down for a while: retries with backoff
+        assert proc.poll() is None  # still running, dialogue kept
+        server.start()
+        assert wait_for(lambda: "reconnected" in statuses(), 30), statuses()
+        assert wait_for(lambda: len(turns()) >= turns_before + 3, 60)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first Ctrl-C only stops the current reply
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 130, err.decode()
+    evs = read_events(events)
+    t_indices = [e["turn"] for e in evs if e["event"] == "turn"]
+    assert t_indices == list(range(len(t_indices)))  # one dialogue across the outage: no reset
+    assert evs[-1]["event"] == "end" and evs[-1]["reason"] == "interrupt" and evs[-1]["reconnects"] == 1
+    assert evs[-1]["missed_samples"] > 0
+    err_text = err.decode()
+    assert "reconnecting (the dialogue is kept)" in err_text and "is back" in err_text
+    assert "press Ctrl-C again" in err_text
