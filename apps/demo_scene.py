@@ -31,12 +31,12 @@ def _cache_dir() -> Path:
 
 
 def _renderer():
-    """A function ``t -> BGR frame``: the benchmark's renderer when it is installed, else a plain drawing."""
+    """``(name, t -> BGR frame)``: the benchmark's renderer when it is installed, else a plain drawing."""
     try:
         from edge_duet.eval import scenes
     except ImportError:
-        scenes = None
-    if scenes is not None and all(hasattr(scenes, n) for n in ("Scene", "SceneObject", "Background", "render_frame")):
+        return "plain", _plain_frame
+    try:
         inf = float("inf")
         objects = tuple(
             scenes.SceneObject(
@@ -50,8 +50,10 @@ def _renderer():
             duration_s=DEMO_DURATION_S, background=scenes.Background("gradient", (150, 150, 150), (110, 110, 110)),
             objects=objects, noise_sigma=2.0,
         )
-        return lambda t: scenes.render_frame(scene, t, DEMO_SIZE)
-    return _plain_frame
+        scenes.render_frame(scene, 0.0, DEMO_SIZE)
+    except (AttributeError, TypeError, ValueError, KeyError):  # that module changed shape: draw it ourselves
+        return "plain", _plain_frame
+    return "scenes", lambda t: scenes.render_frame(scene, t, DEMO_SIZE)
 
 
 _BGR = {"red": (40, 40, 225), "green": (50, 190, 40), "blue": (225, 90, 20), "yellow": (30, 215, 235)}
@@ -87,7 +89,7 @@ def write_demo_video(path: str | Path, duration_s: float = DEMO_DURATION_S, fps:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    render = _renderer()
+    _, render = _renderer()
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (DEMO_SIZE, DEMO_SIZE))
     if not writer.isOpened():
         raise OSError(f"OpenCV cannot write {tmp}")
@@ -102,7 +104,8 @@ def write_demo_video(path: str | Path, duration_s: float = DEMO_DURATION_S, fps:
 
 def demo_video() -> Path:
     """The demo video, rendered on first use into ``~/.cache/edge-duet/``."""
-    path = _cache_dir() / f"demo-scene-v1-{DEMO_SIZE}px.mp4"
+    kind, _ = _renderer()
+    path = _cache_dir() / f"demo-scene-v1-{kind}-{DEMO_SIZE}px.mp4"
     if not path.is_file():
         write_demo_video(path)
     return path

@@ -12,6 +12,16 @@ Operator commands start with ``/`` (``/reset``, ``/quit``, ``/stop``, ``/help``)
 question for the next turn (``//text`` sends text that starts with ``/``). A question ending in ``?!`` (or
 every question, with ``--must-reply``) demands an answer now: the model's reply is pre-filled with
 ``I must reply.``.
+
+``--events`` holds the Session's events (``event.to_dict()``: turn, reply, silence, stats, evicted; token deltas
+are left out) and the runner's own records::
+
+    {"event": "run", "source", "clock", "frame_interval_s", "frames_per_turn"}            first line
+    {"event": "frames", "t", "times_s", "lag_s", "dropped_frames", "missed_samples"}     before each turn
+    {"event": "source", "status": lost|retry|reconnected|corrupt|eof|error, "message", "t"}
+    {"event": "command", "name": "reset", "t"}
+    {"event": "end", "reason": eof|quit|interrupt|error, "exit_code", "turns", "replies", "dropped_frames",
+     "missed_samples", "corrupt_frames", "reconnects", "max_lag_s"}                       last line
 """
 
 from __future__ import annotations
@@ -188,8 +198,17 @@ class LineReader(threading.Thread):
             select.select([self.fd], [], [], 0)
         except (AttributeError, OSError, ValueError):
             self.fd = None
+        # A background job (`edge-duet run ... &`) must not read the terminal: the shell would stop it (SIGTTIN).
+        self.background = False
+        if self.fd is not None and os.isatty(self.fd):
+            try:
+                self.background = os.tcgetpgrp(self.fd) != os.getpgrp()
+            except OSError:
+                pass
 
     def run(self) -> None:
+        if self.background:
+            return
         if self.fd is None:
             for line in iter(self.stream.readline, ""):
                 if self.stop.is_set():
@@ -295,6 +314,8 @@ class Runner:
         """Ctrl-C: the first stops the reply being written, the second ends the run with code 130."""
         self._interrupts += 1
         self.session.cancel()
+        if self.speaker is not None:
+            self.speaker.interrupt()
         if self._interrupts == 1:
             self.console.note("^C stopped the current reply; press Ctrl-C again to exit (or type /quit)")
             return

@@ -163,6 +163,7 @@ class Speaker:
         self._current: _Utterance | None = None
         self._proc: subprocess.Popen | None = None
         self._closing = False
+        self._interrupted = False
         self._told_no_device = False
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-duet-speech-")
         self.spoken = 0  # finished playing (or written, without a device)
@@ -191,12 +192,26 @@ class Speaker:
                 self.cut += 1
             self._cond.notify_all()
 
+    def interrupt(self) -> None:
+        """Be quiet now: stop the reply being spoken and forget the pending one (Ctrl-C). Never blocks long."""
+        with self._cond:
+            self._interrupted = True
+            if self._pending is not None:
+                self.dropped += 1
+                self._pending = None
+            if self._proc is not None and self._proc.poll() is None:
+                self._stop_player()
+                self.cut += 1
+            self._cond.notify_all()
+
     def close(self, timeout: float = 5.0, finish: bool = False) -> None:
-        """Stop speaking and join the thread. ``finish=True`` first lets the pending reply be spoken."""
+        """Stop speaking and join the thread. ``finish=True`` first lets the pending reply be spoken (up to
+        ``timeout`` seconds, or until :meth:`interrupt`)."""
         with self._cond:
             if finish:
+                self._interrupted = False
                 while (self._pending is not None or self._current is not None) and self._thread.is_alive():
-                    if not self._cond.wait(timeout):
+                    if not self._cond.wait(timeout) or self._interrupted:
                         break
             self._closing = True
             self._pending = None

@@ -667,3 +667,17 @@ def test_e2e_source_killed_mid_run_recovers_and_ctrl_c_exits_130(tiny_bundle, tm
     err_text = err.decode()
     assert "reconnecting (the dialogue is kept)" in err_text and "is back" in err_text
     assert "press Ctrl-C again" in err_text
+
+
+def test_demo_scene_without_the_benchmark_renderer(tmp_path, monkeypatch):
+    from edge_duet.apps import demo_scene
+
+    import edge_duet.eval
+
+    monkeypatch.setitem(sys.modules, "edge_duet.eval.scenes", None)  # import fails
+    monkeypatch.delattr(edge_duet.eval, "scenes", raising=False)
+    kind, render = demo_scene._renderer()
+    assert kind == "plain"
+    early, late = render(1.0), render(14.0)
+    assert early.shape == (demo_scene.DEMO_SIZE, demo_scene.DEMO_SIZE, 3)
+    assert np.abs(early.astype(int) - late.astype(int)).sum() > 0  # shapes appear and move

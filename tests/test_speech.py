@@ -177,3 +177,18 @@ def test_piper_synthesises_with_a_voice_file(tmp_path):
     engine = resolve_engine("auto", voice)
     data, rate = read_wav(synthesize("Hello from Piper.", tmp_path / "p.wav", SpeechOptions(engine=engine, voice=voice)))
     assert len(data) / rate > 0.5 and np.abs(data).max() > 1000
+
+
+@needs_espeak
+def test_interrupt_silences_at_once_and_ends_a_finishing_close(tmp_path):
+    import threading
+
+    spk = Speaker(SpeechOptions(), player=_fake_player(tmp_path, 30.0))
+    spk.say("a long story", t=0.0)
+    assert wait_for(lambda: (tmp_path / "played.log").exists())
+    spk.say("and then", t=1.0)
+    threading.Timer(0.3, spk.interrupt).start()  # Ctrl-C while the run waits for the last words
+    t0 = time.monotonic()
+    spk.close(finish=True, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert spk.cut == 1 and spk.dropped == 1
