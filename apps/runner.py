@@ -303,7 +303,10 @@ class Runner:
         elif item.name == "quit":
             self.request_quit()
         elif item.name == "reset":
-            self._controls.put_nowait("reset")
+            try:
+                self._controls.put_nowait("reset")
+            except queue.Full:
+                pass  # resets already waiting do the same thing
 
     def request_quit(self, reason: str = "quit") -> None:
         self.end_reason = reason
@@ -488,7 +491,8 @@ class Runner:
 
     def _write_end(self) -> None:
         self.events.write({
-            "event": "end", "reason": "error" if self.error else self.end_reason, "exit_code": self.exit_code,
+            "event": "end", "reason": "error" if self.error or self.capture.error else self.end_reason,
+            "exit_code": self.exit_code if self.capture.error is None else getattr(self.capture.error, "exit_code", 1),
             "turns": self.turns, "replies": self.replies, "dropped_frames": self.sampler.dropped_frames,
             "missed_samples": self.sampler.missed_samples, "corrupt_frames": self.capture.corrupt_frames,
             "reconnects": self.capture.reconnects, "max_lag_s": round(max(self.lags_s, default=0.0), 4),

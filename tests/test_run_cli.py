@@ -480,6 +480,21 @@ def test_e2e_must_reply_and_sampling_options(tiny_bundle, tmp_path):
     assert all(len(e["token_ids"]) <= 8 + 8 for e in events if e["event"] == "reply")
 
 
+
+def test_e2e_corrupt_frames_are_skipped_and_the_run_ends_normally(tiny_bundle, tmp_path):
+    video = make_video(tmp_path / "scene.mp4", seconds=6.0)
+    data = bytearray(video.read_bytes())
+    rng = np.random.default_rng(0)
+    for start in range(int(len(data) * 0.3), int(len(data) * 0.6), 400):  # garble the middle of the stream
+        data[start:start + 100] = rng.integers(0, 256, 100, dtype=np.uint8).tobytes()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bytes(data))
+    _, events = run_fast(tiny_bundle, broken, tmp_path / "c.jsonl", "--max-new-tokens", "2")
+    end = events[-1]
+    assert end["event"] == "end" and end["reason"] == "eof" and end["exit_code"] == 0
+    assert end["corrupt_frames"] > 0 and end["turns"] >= 2
+    assert any(e["event"] == "source" and e["status"] == "corrupt" for e in events)
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt install espeak-ng)")
 def test_e2e_spoken_replies_are_written_as_wavs(tiny_bundle, tmp_path):
     from edge_duet.runtime.speech import find_player
