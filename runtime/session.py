@@ -367,13 +367,14 @@ class Session:
                 yield TokenDelta(turn, t, text[len(shown):], token)
                 shown = text
             if len(generated) >= self.options.max_new_tokens or self._cancel.is_set():
-                closing = [im_end]
+                closing = [token, im_end]  # the last token is not in the cache yet
                 break
             emb, pos = self._assemble([Chunk(ids=(token,))], self.next_pos)
             logits, self.cache = self.engine.decode(emb, pos, self.cache)
             token = self._pick(logits[-1])
         self._pending = _Pending(ids=closing + self._nl_ids)
-        asst.chunks.append(Chunk(ids=tuple(generated) + tuple(self._pending.ids)))
+        in_cache = generated[:-1] if closing[0] not in self._eos else generated
+        asst.chunks.append(Chunk(ids=tuple(in_cache) + tuple(self._pending.ids)))
         text = self._text(generated)
         if not text.strip() or (not must_reply and text.strip() == self.manifest.prompt.no_reply_text):
             yield Silence(turn, t)  # an empty reply says nothing either
