@@ -43,7 +43,8 @@ class TokenDelta(Event):
 
 @dataclass(frozen=True)
 class Reply(Event):
-    """A finished reply (never ``NO REPLY``). ``text`` includes a ``I must reply.\\n`` prefill when it was used."""
+    """A finished reply (never ``NO REPLY``). ``text`` and ``token_ids`` are what the model generated: a
+    must-reply prefill (``I must reply.\\n``) is part of the dialogue but not of the reply."""
 
     text: str
     token_ids: tuple[int, ...]

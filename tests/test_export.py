@@ -1,0 +1,198 @@
+"""Export: three tiny shapes validate against PyTorch; broken graphs, checkpoints and targets fail loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from edge_duet.apps.cli import app  # noqa: E402
+from edge_duet.errors import BundleError, CheckpointError, UsageError, ValidationError  # noqa: E402
+from edge_duet.export.checkpoint import load_model, make_checkpoint  # noqa: E402
+from edge_duet.export.onnx_export import ExportOptions, export_bundle  # noqa: E402
+from edge_duet.export.validate import validate_bundle  # noqa: E402
+from edge_duet.manifest import Manifest  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-mha", "tiny-deep"])
+def test_export_validates_across_shapes(tmp_path, shape):
+    # tiny: GQA 4/2 heads, tied head; tiny-mha: 3/3 heads, untied, 3 vision blocks with 2 full-attention;
+    # tiny-deep: 8/1 heads, 4 layers, small windows so window attention really splits frames
+    ckpt = make_checkpoint(tmp_path / "ckpt", shape, seed=1, init_std=0.1)
+    report = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+    cases = report.validation.cases
+    assert [c.name for c in cases] == ["one frame", "two frames, two sizes", "turn on a cache + decode"]
+    assert max(c.max_logit_diff for c in cases) <= 1e-4
+    assert cases[-1].greedy_agree.startswith("4/4")
+    m = Manifest.load(tmp_path / "bundle")
+    m.check_files(tmp_path / "bundle")
+    assert m.export_info["validated"] is True
+    assert set(m.graphs) == {"vision", "embed", "decoder"}
+    assert not list(tmp_path.glob(".bundle.tmp-*"))
+
+
+def test_validation_fails_loudly_on_a_wrong_graph(tmp_path, tiny_checkpoint):
+    # A decoder from another seed has the right shapes and the wrong weights: every case must be reported.
+    other = make_checkpoint(tmp_path / "other", "tiny", seed=99, init_std=0.1)
+    export_bundle(tiny_checkpoint, tmp_path / "good", ExportOptions(), log=lambda s: None)
+    export_bundle(other, tmp_path / "bad", ExportOptions(validate=False), log=lambda s: None)
+    shutil.copy(tmp_path / "bad" / "decoder.onnx", tmp_path / "good" / "decoder.onnx")
+    manifest = json.loads((tmp_path / "good" / "manifest.json").read_text())
+    manifest["files"].pop("decoder.onnx")  # the checksum would catch it first; we want validation to
+    (tmp_path / "good" / "manifest.json").write_text(json.dumps(manifest))
+    model, _ = load_model(tiny_checkpoint)
+    with pytest.raises(ValidationError) as err:
+        validate_bundle(model, tmp_path / "good")
+    text = str(err.value)
+    assert len(err.value.mismatches) >= 3
+    assert "one frame: max abs logit diff" in text and "turn on a cache" in text
+
+
+def test_vision_graph_mismatch_is_reported(tmp_path, tiny_checkpoint):
+    other = make_checkpoint(tmp_path / "other", "tiny", seed=7, init_std=0.1)
+    export_bundle(tiny_checkpoint, tmp_path / "good", ExportOptions(validate=False), log=lambda s: None)
+    export_bundle(other, tmp_path / "bad", ExportOptions(validate=False), log=lambda s: None)
+    shutil.copy(tmp_path / "bad" / "vision.onnx", tmp_path / "good" / "vision.onnx")
+    manifest = json.loads((tmp_path / "good" / "manifest.json").read_text())
+    manifest["files"].pop("vision.onnx")
+    (tmp_path / "good" / "manifest.json").write_text(json.dumps(manifest))
+    model, _ = load_model(tiny_checkpoint)
+    with pytest.raises(ValidationError):
+        validate_bundle(model, tmp_path / "good")
+
+
+def test_flat_hub_config_exports(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=2, flat_config=True, init_std=0.1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert "text_config" not in cfg and cfg["rope_scaling"]["type"] == "mrope"
+    export_bundle(ckpt, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+    assert Manifest.load(tmp_path / "bundle").text.mrope_section == (2, 3, 3)
+
+
+def test_existing_bundle_needs_overwrite(tmp_path, tiny_checkpoint):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="--overwrite"):
+        export_bundle(tiny_checkpoint, out, ExportOptions(validate=False), log=lambda s: None)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_bundle(tiny_checkpoint, out, ExportOptions(validate=False, overwrite=True), log=lambda s: None)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_failed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
+    import edge_duet.export.onnx_export as ox
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure in the decoder export")
+
+    monkeypatch.setattr(ox, "export_decoder", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_bundle(tiny_checkpoint, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+    assert not (tmp_path / "bundle").exists()
+    assert not list(tmp_path.glob(".bundle.tmp-*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(tmp_path, tiny_checkpoint):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(UsageError, match="cannot write"):
+        export_bundle(tiny_checkpoint, ro / "bundle", ExportOptions(), log=lambda s: None)
+
+
+def test_unwritable_output_path_under_a_file(tmp_path, tiny_checkpoint):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="cannot create"):
+        export_bundle(tiny_checkpoint, tmp_path / "afile" / "sub" / "bundle", ExportOptions(), log=lambda s: None)
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="LlamaForCausalLM"):
+        export_bundle(tmp_path, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+
+
+def test_missing_checkpoint_and_files(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_bundle(tmp_path / "nope", tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        export_bundle(copy, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+
+
+def test_corrupt_safetensors_is_refused(tmp_path, tiny_checkpoint):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(CheckpointError, match="safetensors"):
+        export_bundle(copy, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+    (copy / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        export_bundle(copy, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_bundle_errors_are_clear(tmp_path, tiny_bundle):
+    from edge_duet.runtime.engine import Engine
+
+    with pytest.raises(BundleError, match="edge-duet export"):
+        Engine(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "decoder.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(BundleError, match="checksum"):
+        Engine(broken)
+    (broken / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match="missing decoder.onnx"):
+        Engine(broken)
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["format_version"] = 0
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="version 0"):
+        Engine(old)
+    (old / "manifest.json").write_text("{ not json")
+    with pytest.raises(BundleError, match="not JSON"):
+        Engine(old)
+
+
+def test_cli_make_checkpoint_and_export(tmp_path):
+    res = runner.invoke(app, ["make-checkpoint", str(tmp_path / "ck"), "--shape", "tiny", "--init-std", "0.1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "ck"), str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert "validation (ONNX Runtime vs PyTorch)" in res.output and "[decoder] done" in res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "ck"), str(tmp_path / "b")])
+    assert res.exit_code == UsageError.exit_code and "--overwrite" in res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "b2")])
+    assert res.exit_code == CheckpointError.exit_code and "does not exist" in res.output
+
+
+def test_vision_graph_handles_many_frame_sizes(tiny_bundle):
+    from edge_duet.runtime.engine import Engine
+    from edge_duet.runtime.preprocess import preprocess_frames
+
+    e = Engine(tiny_bundle)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((56, 56), (300, 40), (200, 200))]
+    patches, grids = preprocess_frames(frames, e.manifest.preprocess, channels="rgb")
+    emb = e.encode_frames(patches, grids)
+    assert emb.shape == (sum(t * h * w for t, h, w in grids) // 4, e.manifest.text.hidden_size)
+    assert np.isfinite(emb).all()
