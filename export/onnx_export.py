@@ -38,6 +38,7 @@ class ExportOptions:
     frame_interval_s: float | None = None
     frames_per_turn: int | None = None
     name: str | None = None
+    exporter: str = "auto"  # auto: TorchScript for small graphs, dynamo for graphs over ~1.5 GB; or "dynamo"
 
 
 @dataclass
@@ -93,12 +94,14 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
             model, info = load_model(checkpoint_dir)
         manifest = build_manifest(model, info, options)
         with torch.no_grad(), _quiet_export():
+            dyn = options.exporter == "dynamo"
             with _stage(report, "vision", log):
-                manifest.graphs["vision"] = export_vision(model, tmp, options.opset)
+                manifest.graphs["vision"] = export_vision(model, tmp, options.opset, force_dynamo=dyn)
             with _stage(report, "embed", log):
-                manifest.graphs["embed"] = export_embed(model, tmp, options.opset)
+                manifest.graphs["embed"] = export_embed(model, tmp, options.opset, force_dynamo=dyn)
             with _stage(report, "decoder", log):
-                manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset)
+                manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset, force_dynamo=dyn)
+        big = _param_bytes(model) > 2 * BIG_GRAPH
         shutil.copy(info.path / "tokenizer.json", tmp / "tokenizer.json")
         if (info.path / "chat_template.jinja").is_file():
             shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
@@ -109,7 +112,11 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
             from .validate import validate_bundle
 
             with _stage(report, "validate", log):
-                report.validation = validate_bundle(model, tmp)
+                if big:  # free the model while ONNX Runtime holds the graphs; reload it for the reference
+                    del model
+                    report.validation = validate_bundle(lambda: load_model(checkpoint_dir)[0], tmp, low_memory=True)
+                else:
+                    report.validation = validate_bundle(model, tmp)
             log(report.validation.summary())
         report.peak_rss_gb = _peak_rss_gb()
         manifest = _replace(manifest, export_info={**manifest.export_info, "peak_rss_gb": round(report.peak_rss_gb, 2),
@@ -209,20 +216,40 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
 # ----------------------------------------------------------------------------------------------- graphs
 
 
-def _save(path: Path, param_bytes: int) -> tuple[str, ...]:
-    """Move weights of a graph over 2 GB into one external-data file beside it."""
-    if param_bytes < TWO_GB - (64 << 20):
-        return ()
-    import onnx
+BIG_GRAPH = 1536 * 1024**2  # graphs whose weights pass this take the memory-frugal exporter
 
-    m = onnx.load(str(path))
-    data = path.name + ".data"
-    for f in path.parent.glob(f"{path.stem}*"):
-        if f != path:
-            pass
-    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024)
-    return (data,)
+
+def _torch_export(graph, args, path: Path, input_names, output_names, dynamic_axes: dict, arg_groups=None,
+                  opset: int = 18, force_dynamo: bool = False) -> tuple[str, ...]:
+    """Export ``graph`` to ``path``; returns the external-data files written beside it.
+
+    Small graphs go through the TorchScript exporter (fast, one self-contained file). Graphs over ~1.5 GB go
+    through the dynamo exporter, whose ONNX model references the torch weights instead of copying them and
+    streams them into one ``<name>.data`` file: the TorchScript route would hold a second copy of every weight
+    in memory, which does not fit a 24 GB machine for the 3B decoder. (Batch is then fixed to 1, which is all
+    the runtime uses.) ``arg_groups`` tells how ``args`` map to the forward's parameters when it takes
+    ``*varargs`` (their count as one tuple entry for dynamo).
+    """
+    import torch
+
+    big = force_dynamo or _param_bytes(graph) > BIG_GRAPH
+    if not big:
+        torch.onnx.export(graph, args, str(path), input_names=input_names, output_names=output_names,
+                          opset_version=opset, dynamo=False, dynamic_axes=dynamic_axes)
+        return ()
+    from torch.export import Dim
+
+    def spec(name):
+        return {ax: Dim.DYNAMIC for ax, label in dynamic_axes.get(name, {}).items() if label != "batch"}
+
+    specs = [spec(n) for n in input_names]
+    if arg_groups:  # e.g. (4, None): four named parameters, then the rest as one *varargs tuple
+        fixed = arg_groups[0]
+        specs = specs[:fixed] + [tuple(specs[fixed:])]
+    torch.onnx.export(graph, args, str(path), input_names=input_names, output_names=output_names,
+                      opset_version=opset, dynamo=True, dynamic_shapes=tuple(specs), external_data=True,
+                      optimize=True, verbose=False)
+    return tuple(sorted(p.name for p in path.parent.glob(path.name + ".data")))
 
 
 def _param_bytes(module) -> int:
@@ -234,7 +261,7 @@ def _spec(names_shapes, dtype) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(n, dtype if isinstance(dtype, str) else dtype[n], tuple(s)) for n, s in names_shapes)
 
 
-def export_vision(model, out: Path, opset: int) -> GraphSpec:
+def export_vision(model, out: Path, opset: int, force_dynamo: bool = False) -> GraphSpec:
     import numpy as np
     import torch
 
@@ -252,14 +279,11 @@ def export_vision(model, out: Path, opset: int) -> GraphSpec:
     feeds = vision_inputs(np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32), grids, spec)
     names = ["pixel_values", "rotary_pos_ids", "full_segment_ids", "window_segment_ids", "reverse_index"]
     path = out / "vision.onnx"
-    torch.onnx.export(
-        graph, tuple(torch.from_numpy(feeds[k]) for k in names), str(path), input_names=names,
-        output_names=["image_embeds"], opset_version=opset, dynamo=False,
-        dynamic_axes={"pixel_values": {0: "num_patches"}, "rotary_pos_ids": {0: "num_patches"},
-                      "full_segment_ids": {0: "num_patches"}, "window_segment_ids": {0: "num_patches"},
-                      "reverse_index": {0: "num_tokens"}, "image_embeds": {0: "num_tokens"}},
-    )
-    ext = _save(path, _param_bytes(graph))
+    ext = _torch_export(
+        graph, tuple(torch.from_numpy(feeds[k]) for k in names), path, names, ["image_embeds"],
+        {"pixel_values": {0: "num_patches"}, "rotary_pos_ids": {0: "num_patches"},
+         "full_segment_ids": {0: "num_patches"}, "window_segment_ids": {0: "num_patches"},
+         "reverse_index": {0: "num_tokens"}, "image_embeds": {0: "num_tokens"}}, opset=opset, force_dynamo=force_dynamo)
     return GraphSpec(
         path=path.name, external_data=ext,
         inputs=(TensorSpec("pixel_values", "float32", ("num_patches", dim)),
@@ -280,7 +304,7 @@ def _vision_spec(model) -> VisionSpec:
     )
 
 
-def export_embed(model, out: Path, opset: int) -> GraphSpec:
+def export_embed(model, out: Path, opset: int, force_dynamo: bool = False) -> GraphSpec:
     import torch
 
     from .graphs import EmbedGraph
@@ -288,12 +312,10 @@ def export_embed(model, out: Path, opset: int) -> GraphSpec:
     emb = model.model.language_model.embed_tokens
     graph = EmbedGraph(emb).eval()
     path = out / "embed.onnx"
-    torch.onnx.export(
-        graph, (torch.zeros(1, 3, dtype=torch.long),), str(path), input_names=["input_ids"],
-        output_names=["inputs_embeds"], opset_version=opset, dynamo=False,
-        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}},
-    )
-    ext = _save(path, _param_bytes(graph))
+    ext = _torch_export(
+        graph, (torch.zeros(1, 3, dtype=torch.long),), path, ["input_ids"], ["inputs_embeds"],
+        {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}}, opset=opset,
+        force_dynamo=force_dynamo)
     return GraphSpec(
         path=path.name, external_data=ext,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
@@ -301,7 +323,7 @@ def export_embed(model, out: Path, opset: int) -> GraphSpec:
     )
 
 
-def export_decoder(model, out: Path, opset: int) -> GraphSpec:
+def export_decoder(model, out: Path, opset: int, force_dynamo: bool = False) -> GraphSpec:
     import torch
 
     from .graphs import DecoderGraph
@@ -325,12 +347,9 @@ def export_decoder(model, out: Path, opset: int) -> GraphSpec:
     dyn.update({n: {0: "batch", 2: "past"} for n in past_names})
     dyn.update({n: {0: "batch", 2: "total"} for n in present_names})
     path = out / "decoder.onnx"
-    torch.onnx.export(
-        graph, args, str(path), input_names=["inputs_embeds", "position_ids", "attention_mask", "logits_index",
-                                             *past_names],
-        output_names=["logits", *present_names], opset_version=opset, dynamo=False, dynamic_axes=dyn,
-    )
-    ext = _save(path, _param_bytes(graph))
+    ext = _torch_export(
+        graph, args, path, ["inputs_embeds", "position_ids", "attention_mask", "logits_index", *past_names],
+        ["logits", *present_names], dyn, arg_groups=(4, None), opset=opset, force_dynamo=force_dynamo)
     kv_shape = ("batch", kvh, "past", hd)
     return GraphSpec(
         path=path.name, external_data=ext,

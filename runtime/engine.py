@@ -99,7 +99,8 @@ class Engine:
     """Runs ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` of one bundle."""
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None,
-                 providers: Sequence[str] | str | None = None, threads: int | None = None):
+                 providers: Sequence[str] | str | None = None, threads: int | None = None,
+                 low_memory: bool = False):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)
@@ -110,6 +111,9 @@ class Engine:
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if low_memory:  # no pre-packed weight copies, no arena: slower, but a 3B fp32 graph fits in RAM once
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            opts.enable_cpu_mem_arena = False
         self.sessions = {}
         for name in ("vision", "embed", "decoder"):
             path = self.bundle_dir / self.manifest.graphs[name].path
