@@ -1,0 +1,204 @@
+"""Session behaviour beyond parity: inputs, token drop, eviction, cancel, providers, infer."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from edge_duet.apps.cli import app
+from edge_duet.errors import BundleError, InputError, ProviderError, UsageError
+from edge_duet.runtime.events import Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
+from edge_duet.runtime.session import Session, SessionOptions
+
+runner = CliRunner()
+
+
+def scene(k: int, moving: bool = True, size=(84, 112)) -> np.ndarray:
+    img = np.full((*size, 3), 30, dtype=np.uint8)
+    x = (k * 6) % (size[1] - 20) if moving else 10
+    img[30:50, x:x + 20] = (40, 200, 60)
+    return img
+
+
+def test_events_of_a_turn(tiny_bundle):
+    s = Session(tiny_bundle, SessionOptions(max_new_tokens=5))
+    s.ask("What is it?", must_reply=True)
+    s.add_frames([scene(0), scene(1)], t=2.0)
+    events = list(s.step())
+    assert isinstance(events[0], TurnStarted) and events[0].must_reply and events[0].n_frames == 2
+    assert isinstance(events[-1], TurnStats) and events[-1].turn == 0
+    final = [e for e in events if isinstance(e, (Reply, Silence))]
+    assert len(final) == 1 and final[0].t == 2.0
+    if isinstance(final[0], Reply):
+        deltas = "".join(e.text for e in events if isinstance(e, TokenDelta))
+        assert deltas == final[0].text
+        assert len(final[0].token_ids) <= 5
+    # the must-reply prefill is in the dialogue
+    prefix = s.renderer.text_ids(s.manifest.prompt.must_reply_prefix)
+    ids = s.dialogue_ids()
+    assert any(ids[i:i + len(prefix)] == prefix for i in range(len(ids)))
+    assert json.loads(json.dumps(events[-1].to_dict()))["event"] == "stats"
+
+
+def test_nothing_to_do_and_bad_inputs(tiny_bundle):
+    s = Session(tiny_bundle)
+    assert list(s.step()) == []
+    with pytest.raises(InputError):
+        s.ask("   ")
+    with pytest.raises(InputError):
+        s.add_frames([np.zeros((10, 10), dtype=np.uint8)], t=1.0)
+    with pytest.raises(InputError):
+        s.add_frames([np.zeros((10, 10, 3), dtype=np.float32)], t=1.0)
+    with pytest.raises(UsageError):
+        Session(tiny_bundle, SessionOptions(max_new_tokens=0))
+
+
+def test_reset_forgets_the_dialogue(tiny_bundle):
+    s = Session(tiny_bundle, SessionOptions(max_new_tokens=3))
+    s.add_frames([scene(0)], t=1.0)
+    list(s.step())
+    first = s.dialogue_ids()
+    s.reset()
+    assert s.context_tokens < len(first) and s.turn == 0
+    s.add_frames([scene(0)], t=1.0)
+    list(s.step())
+    assert s.dialogue_ids() == first  # same input, same output: nothing leaked across the reset
+
+
+def test_token_drop_keeps_positions_and_drops_static_tokens(tiny_bundle):
+    s = Session(tiny_bundle, SessionOptions(max_new_tokens=2, token_drop_threshold=0.98))
+    s.add_frames([scene(0, moving=False), scene(1, moving=False)], t=1.0)
+    stats = [e for e in s.step() if isinstance(e, TurnStats)][0]
+    # the second frame is identical to the first: all but one of its tokens go
+    per_frame = stats.visual_tokens_kept + stats.visual_tokens_dropped
+    assert stats.visual_tokens_dropped == per_frame // 2 - 1
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (84, 112, 3), dtype=np.uint8) for _ in range(2)]
+    s.add_frames(noise, t=2.0)
+    stats = [e for e in s.step() if isinstance(e, TurnStats)][0]
+    assert stats.visual_tokens_dropped < per_frame // 2  # frames that changed keep most tokens
+    off = Session(tiny_bundle, SessionOptions(max_new_tokens=2))
+    off.add_frames([scene(0, moving=False), scene(1, moving=False)], t=1.0)
+    assert [e for e in off.step() if isinstance(e, TurnStats)][0].visual_tokens_dropped == 0
+
+
+def test_eviction_keeps_system_and_question_and_equals_fresh_window(tiny_bundle):
+    s = Session(tiny_bundle, SessionOptions(max_new_tokens=3, max_context_tokens=420))
+    s.ask("Where is the green box?")
+    evicted = []
+    for k in range(25):
+        s.add_frames([scene(2 * k), scene(2 * k + 1)], t=float(k))
+        evicted += [e for e in s.step() if isinstance(e, Evicted)]
+        assert s.context_tokens <= 420
+    assert evicted, "the context never filled"
+    assert s.segments[0].role == "system"
+    assert any(seg.question == "Where is the green box?" for seg in s.segments)
+    # after eviction the cache is exactly a fresh prefill of the kept window (positions re-anchored at 0)
+    from edge_duet.runtime.engine import KVCache
+    from edge_duet.runtime.session import assemble
+
+    chunks = [c for seg in s.segments for c in seg.chunks]
+    cached = s.cache.length
+    emb, pos, _ = assemble(s.engine, chunks, 0)
+    _, fresh = s.engine.decode(emb[:cached], pos[:, :cached], KVCache.empty(s.manifest))
+    for (k1, v1), (k2, v2) in zip(s.cache.layers, fresh.layers):
+        np.testing.assert_allclose(k1, k2, atol=1e-4)
+        np.testing.assert_allclose(v1, v2, atol=1e-4)
+
+
+def test_a_turn_too_big_for_the_context_is_a_clear_error(tiny_bundle):
+    s = Session(tiny_bundle, SessionOptions(max_context_tokens=64))
+    s.add_frames([scene(0), scene(1)], t=1.0)
+    with pytest.raises(UsageError, match="max-context"):
+        list(s.step())
+
+
+def test_cancel_ends_the_reply(tiny_bundle):
+    s = Session(tiny_bundle, SessionOptions(max_new_tokens=50))
+    s.ask("Describe everything.", must_reply=True)
+    s.add_frames([scene(0)], t=1.0)
+    tokens = 0
+    for ev in s.step():
+        if isinstance(ev, TokenDelta):
+            tokens += 1
+            threading.Thread(target=s.cancel).start()
+            threading.Event().wait(0.05)
+        if isinstance(ev, Reply):
+            assert len(ev.token_ids) <= 2
+    # the next turn works normally
+    s.add_frames([scene(1)], t=2.0)
+    assert any(isinstance(e, TurnStats) for e in s.step())
+
+
+def test_providers_are_checked(tiny_bundle):
+    with pytest.raises(ProviderError, match="unknown provider"):
+        Session(tiny_bundle, SessionOptions(providers="npu"))
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ProviderError, match="not available"):
+            Session(tiny_bundle, SessionOptions(providers="cuda"))
+    assert Session(tiny_bundle, SessionOptions(providers="cpu")).engine.providers == ["CPUExecutionProvider"]
+
+
+# ------------------------------------------------------------------------------------------ edge-duet infer
+
+
+def write_examples(tmp_path, n_turns=4):
+    frames = []
+    for k in range(2 * n_turns):
+        p = tmp_path / f"f{k}.png"
+        Image.fromarray(scene(k)[:, :, ::-1]).save(p)
+        frames.append(p.name)
+    conv = [{"role": "system", "content": "Watch closely."}]
+    for t in range(n_turns):
+        content = [{"type": "image", "image": frames[2 * t]}, {"type": "image", "image": frames[2 * t + 1]}]
+        if t == 1:
+            content.append({"type": "text", "text": "What do you see?"})
+        conv.append({"role": "user", "content": content, "time": 2.0 * (t + 1), "must_reply": t == 1})
+    data = [{"question_id": "a", "conversation": conv}, {"question_id": "b", "conversation": conv[1:3]}]
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_infer_writes_responses(tmp_path, tiny_bundle):
+    inp = write_examples(tmp_path)
+    out = tmp_path / "pred.jsonl"
+    res = runner.invoke(app, ["infer", str(inp), "-o", str(out), "--model", str(tiny_bundle), "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == ["a", "b"]
+    resp = lines[0]["model_response_list"]
+    assert {"role": "user", "content": "What do you see?", "time": 4.0} in resp
+    assert all(r["content"].strip() != "NO REPLY" for r in resp)
+    times = [r["time"] for r in resp]
+    assert times == sorted(times)
+    # the must-reply turn answers
+    assert any(r["role"] == "assistant" and r["time"] == 4.0 for r in resp)
+
+
+def test_infer_errors(tmp_path, tiny_bundle):
+    out = tmp_path / "o.jsonl"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ nope")
+    res = runner.invoke(app, ["infer", str(bad), "-o", str(out), "--model", str(tiny_bundle)])
+    assert res.exit_code == InputError.exit_code and "not valid JSON" in res.output
+    inp = write_examples(tmp_path)
+    (tmp_path / "f3.png").unlink()
+    res = runner.invoke(app, ["infer", str(inp), "-o", str(out), "--model", str(tiny_bundle)])
+    assert res.exit_code == InputError.exit_code and "f3.png does not exist" in res.output
+    (tmp_path / "f3.png").write_bytes(b"not a png")
+    res = runner.invoke(app, ["infer", str(inp), "-o", str(out), "--model", str(tiny_bundle)])
+    assert res.exit_code == InputError.exit_code and "cannot read image" in res.output
+    res = runner.invoke(app, ["infer", str(inp), "-o", str(out), "--model", str(tmp_path / "nobundle")])
+    assert res.exit_code == BundleError.exit_code and "edge-duet export" in res.output
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps([{"question_id": "x", "conversation": [{"role": "user", "content": []}]}]))
+    res = runner.invoke(app, ["infer", str(nested), "-o", str(out), "--model", str(tiny_bundle)])
+    assert res.exit_code == InputError.exit_code and "'time'" in res.output
