@@ -1,0 +1,575 @@
+"""``edge-duet quantize``: a bundle becomes a new bundle whose graphs store their weights at lower precision.
+
+A recipe gives each graph one precision (``vision=fp16,embed=int8,decoder=int4,lm_head=w8``; a bare name is a
+preset, see ``PRESETS``). What each precision does to a graph (see docs/quantization.md for the measured effect):
+
+    fp32       untouched
+    fp16       weights and arithmetic in float16; graph inputs/outputs stay float32 (a Cast at each boundary),
+               so the runtime and the KV cache it keeps are unchanged
+    int8       dynamic quantization: int8 weights (per tensor, or per channel), activations quantized at run
+               time (DynamicQuantizeLinear + MatMulInteger; the embedding table: int8 Gather + DequantizeLinear).
+               Fast on CPUs with VNNI / ARM dot-product; a CPU recipe
+    w8         weight-only int8, block-wise (MatMulNBits bits=8); activations stay float. A GPU recipe
+    int4       weight-only int4, block-wise (MatMulNBits bits=4; the embedding table: GatherBlockQuantized)
+    w8-fp16,   the graph goes to float16 first, then its weights to w8 / int4: float16 activations with
+    int4-fp16  block-quantized weights, the usual GPU layout
+
+``lm_head`` (the decoder's vocabulary projection, found by its weight shape) defaults to the decoder's
+precision; ``lm_head=fp32`` / ``fp16`` keeps it unquantized (in the decoder's float type), ``int8`` / ``w8`` /
+``int4`` gives it its own quantizer. The embedding table is its own graph (``embed=``).
+
+Every quantizer is checked for what it actually changed: the weight-carrying ops (MatMul / Gemm with a constant
+weight, Gather from a constant table) whose weights are no longer float32 are counted per graph. A graph asked
+to change that changed nothing is an error (ONNX Runtime's 4-bit quantizer skips ``Gemm``, which the exporters
+emit for 2-D linear layers: every Gemm with a constant weight is rewritten to MatMul + Add first).
+
+The new bundle is written to a temporary directory beside the target and renamed into place once every graph
+loads in ONNX Runtime, like ``edge-duet export``. Its manifest records the recipe (``variant``), each graph's
+precision and quantized-op count, file checksums, and a ``provenance`` entry (recipe, options, source bundle
+and its checksums, what changed, logits agreement with the source on a probe turn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_duet.errors import BundleError, UsageError, ValidationError
+from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
+
+GRAPHS = ("vision", "embed", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4", "w8-fp16", "int4-fp16")
+LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4")
+PRESETS: dict[str, str] = {
+    "fp16": "vision=fp16,embed=fp16,decoder=fp16",
+    "int8": "vision=int8,embed=int8,decoder=int8",
+    "w8": "vision=w8,embed=w8,decoder=w8",
+    "int4": "vision=int4,embed=int4,decoder=int4",
+    # the vision tower and the embedding table stay float: only the decoder's weights go to 4 bits
+    "int4-text": "vision=fp32,embed=fp32,decoder=int4",
+    # CPU: int8 where VNNI makes it fast, int4 for the decoder's memory-bound decode, int8 vocabulary projection
+    "cpu": "vision=int8,embed=int8,decoder=int4,lm_head=int8",
+    # Jetson (CUDA EP): float16 vision and embedding, int4 decoder with fp16 activations, w8 vocabulary
+    # projection. The 3B fits an 8 GB Orin Nano with it (docs/quantization.md has the arithmetic).
+    "jetson": "vision=fp16,embed=fp16,decoder=int4-fp16,lm_head=w8",
+}
+SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest (as export does)
+EXTERNAL_DATA_OVER = 1536 * 1024**2  # graphs whose weights pass this are saved with external data
+
+_FLOAT_TYPES = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One precision per graph, plus the decoder's vocabulary projection (``None``: same as the decoder)."""
+
+    vision: str = "fp32"
+    embed: str = "fp32"
+    decoder: str = "fp32"
+    lm_head: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Recipe":
+        """``int4`` (a preset), or ``vision=fp16,embed=fp32,decoder=int4[,lm_head=fp32]`` (missing graphs: fp32)."""
+        text = text.strip()
+        if text in PRESETS:
+            text = PRESETS[text]
+        if "=" not in text:
+            raise UsageError(
+                f"unknown recipe {text!r}: use a preset ({', '.join(PRESETS)}) or per-graph precisions such as "
+                "'vision=fp16,embed=fp32,decoder=int4,lm_head=fp32'"
+            )
+        values: dict[str, str] = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            allowed = LM_HEAD_PRECISIONS if key == "lm_head" else PRECISIONS
+            if key not in (*GRAPHS, "lm_head"):
+                raise UsageError(f"recipe {text!r}: unknown part {key!r}; parts are {', '.join(GRAPHS)}, lm_head")
+            if key in values:
+                raise UsageError(f"recipe {text!r}: {key} is given twice")
+            if value not in allowed:
+                raise UsageError(f"recipe {text!r}: {key}={value!r} is not one of {', '.join(allowed)}")
+            values[key] = value
+        recipe = cls(**values)
+        recipe.check()
+        return recipe
+
+    def check(self) -> None:
+        dec, head = self.decoder, self.lm_head
+        if head is None:
+            return
+        if dec == "fp32" and head != "fp32":
+            raise UsageError(f"lm_head={head} needs a quantized decoder; use decoder=fp32 with lm_head left out")
+        if head == "int8" and _activation_type(dec) == "fp16":
+            raise UsageError(f"lm_head=int8 (dynamic) needs float32 activations, but decoder={dec} computes in "
+                             "float16: use lm_head=w8 instead")
+        if head == "fp16" and _activation_type(dec) == "fp32":
+            raise UsageError(f"lm_head=fp16 with decoder={dec}: the decoder computes in float32, so an unquantized "
+                             "lm_head stays float32; write lm_head=fp32 (or use an -fp16 decoder precision)")
+
+    @property
+    def head(self) -> str:
+        return self.lm_head or self.decoder
+
+    def graph_precision(self, graph: str) -> str:
+        return getattr(self, graph)
+
+    def precision_label(self, graph: str) -> str:
+        """What goes into the manifest's ``GraphSpec.precision``."""
+        p = self.graph_precision(graph)
+        if graph == "decoder" and self.lm_head is not None and self.lm_head != p:
+            return f"{p};lm_head={self.lm_head}"
+        return p
+
+    def __str__(self) -> str:
+        for name, text in PRESETS.items():
+            if Recipe.parse_parts(text) == self:
+                return name
+        parts = [f"{g}={getattr(self, g)}" for g in GRAPHS]
+        if self.lm_head is not None:
+            parts.append(f"lm_head={self.lm_head}")
+        return ",".join(parts)
+
+    @classmethod
+    def parse_parts(cls, text: str) -> "Recipe":
+        return cls(**{k.strip(): v.strip() for k, v in (p.split("=") for p in text.split(","))})
+
+
+def _activation_type(precision: str) -> str:
+    return "fp16" if precision == "fp16" or precision.endswith("-fp16") else "fp32"
+
+
+def _weight_format(precision: str) -> str:
+    """fp32 / fp16 (float weights) or int8 / w8 / int4 (quantized)."""
+    return precision.split("-")[0]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    block_size: int = 32  # MatMulNBits / GatherBlockQuantized block (16, 32, 64, 128, 256)
+    accuracy_level: int = 4  # MatMulNBits compute type on CPU: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    symmetric: bool = True  # block quantization without zero points
+    per_channel: bool = False  # int8: one scale per output channel instead of per tensor
+    overwrite: bool = False
+    check: bool = True  # run a probe turn through the source and the new bundle, record the logits agreement
+
+    def validate(self) -> None:
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UsageError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+@dataclass
+class GraphResult:
+    name: str
+    precision: str
+    weight_ops: int  # ops carrying a constant weight (MatMul/Gemm weight, Gather table)
+    quantized_ops: int  # of those, how many no longer store float32 weights
+    left_fp32: list[str] = field(default_factory=list)  # weight ops still float32 (excluded or skipped)
+    rewritten_gemm: int = 0
+    size_bytes: int = 0
+    source_size_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class QuantReport:
+    bundle_dir: Path
+    recipe: Recipe
+    graphs: dict[str, GraphResult] = field(default_factory=dict)
+    check: dict[str, float] | None = None
+
+    def summary(self) -> str:
+        lines = [f"bundle {self.bundle_dir} (recipe {self.recipe}):"]
+        for g in self.graphs.values():
+            left = f", fp32 left: {', '.join(g.left_fp32)}" if g.left_fp32 else ""
+            lines.append(f"  {g.name:<8} {g.precision:<22} {g.quantized_ops:>4}/{g.weight_ops:<4} weight ops changed  "
+                         f"{g.source_size_bytes / 2**20:8.2f} -> {g.size_bytes / 2**20:8.2f} MiB  {g.seconds:5.1f} s{left}")
+        if self.check:
+            lines.append(f"  probe turn vs source: logits cosine {self.check['logits_cosine']:.4f}, "
+                         f"max |dlogit| {self.check['max_abs_diff']:.3g}, same argmax {self.check['argmax_agree']:.0%}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- graph analysis
+
+
+@dataclass(frozen=True)
+class WeightOp:
+    node: str
+    op_type: str
+    weight: str
+    dtype: str  # fp32, fp16, bf16 or the quantized type's name
+    shape: tuple[int, ...]
+
+
+def weight_ops(model) -> list[WeightOp]:
+    """Ops that carry a constant weight: MatMul/Gemm with an initializer B (rank >= 2), Gather from an
+    initializer table (rank 2), and the quantized ops that replace them (MatMulNBits, MatMulInteger, ...)."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        slot = {"MatMul": 1, "Gemm": 1, "Gather": 0, "MatMulNBits": 1, "MatMulInteger": 1,
+                "DynamicQuantizeMatMul": 1, "GatherBlockQuantized": 0}.get(n.op_type)
+        if slot is None or len(n.input) <= slot or n.input[slot] not in inits:
+            continue
+        t = inits[n.input[slot]]
+        if n.op_type in ("MatMul", "Gemm", "Gather") and len(t.dims) < 2:
+            continue
+        dtype = _FLOAT_TYPES.get(t.data_type) or TensorProto.DataType.Name(t.data_type).lower()
+        out.append(WeightOp(n.name, n.op_type, t.name, dtype, tuple(t.dims)))
+    return out
+
+
+def name_nodes(model) -> None:
+    """Give unnamed nodes unique names: the quantizers include/exclude nodes by name."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            n.name = name
+            seen.add(name)
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite ``Gemm(A, W, C)`` with a constant W (alpha=beta=1, transA=0) as ``MatMul(A, W') [+ Add C]``,
+    W' stored (in, out). Returns the number rewritten. MatMul on a 2-D A is exactly Gemm's product."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    new_nodes, count, made = [], 0, {}
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            new_nodes.append(n)
+            continue
+        w_name = n.input[1]
+        key = (w_name, bool(attrs.get("transB", 0)))
+        if key not in made:
+            w = numpy_helper.to_array(inits[w_name])
+            w = w.T.copy() if key[1] else w
+            made[key] = f"{w_name}_kn" if key[1] else w_name
+            if key[1]:
+                model.graph.initializer.append(numpy_helper.from_array(w, made[key]))
+        has_bias = len(n.input) > 2 and n.input[2]
+        mm_out = f"{n.output[0]}_mm" if has_bias else n.output[0]
+        new_nodes.append(helper.make_node("MatMul", [n.input[0], made[key]], [mm_out], name=f"{n.name}_matmul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}_bias"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count
+
+
+def find_lm_head(model, vocab_size: int, hidden_size: int) -> str | None:
+    """The decoder's vocabulary projection: the weight op whose weight is (hidden, vocab) or (vocab, hidden)."""
+    hits = [w.node for w in weight_ops(model) if w.op_type != "Gather" and sorted(w.shape[-2:]) == sorted(
+        (vocab_size, hidden_size))]
+    return hits[-1] if hits else None
+
+
+def _graph_bytes(model) -> int:
+    return sum(len(t.raw_data) or 0 for t in model.graph.initializer)
+
+
+# ----------------------------------------------------------------------------------------------- quantizers
+
+
+def _quiet():
+    """ONNX Runtime's quantizers log every node at INFO on the root logger."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+    return cm()
+
+
+def _to_fp16(model, keep_fp32: list[str]):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: graph inputs/outputs stay float32, so the runtime, its KV cache and the manifest's
+    # tensor specs are the same for every recipe.
+    return convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_fp32 or None)
+
+
+def _dynamic_int8(model, nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str], per_channel: bool,
+                  work: Path):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = work / "in.onnx", work / "out.onnx"
+    big = _graph_bytes(model) > EXTERNAL_DATA_OVER
+    _save_model(model, src, external=big)
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=per_channel,
+                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes_to_quantize,
+                     nodes_to_exclude=nodes_to_exclude or None, use_external_data_format=big,
+                     extra_options={"MatMulConstBOnly": True})
+    out = onnx.load(str(dst))
+    for p in work.iterdir():
+        p.unlink()
+    return out
+
+
+def _block_quant(model, bits: int, options: QuantOptions, nodes_to_include: list[str] | None,
+                 nodes_to_exclude: list[str], gather: bool):
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, nodes_to_exclude=nodes_to_exclude, nodes_to_include=nodes_to_include,
+        op_types_to_quantize=("MatMul", "Gather") if gather else ("MatMul",),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):  # all-zero padding blocks: scale 0, handled by the quantizer
+        q.process()
+    return q.model.model
+
+
+def quantize_graph(model, graph: str, precision: str, lm_head: str | None, options: QuantOptions,
+                   work: Path, vocab_size: int = 0, hidden_size: int = 0):
+    """Apply ``precision`` to one graph (a ModelProto); returns (new model, GraphResult without sizes)."""
+    t0 = time.perf_counter()
+    fmt, act = _weight_format(precision), _activation_type(precision)
+    if precision == "fp32":
+        ops = weight_ops(model)
+        return model, GraphResult(graph, precision, len(ops), 0, [w.node for w in ops if w.dtype == "fp32"])
+    name_nodes(model)
+    rewritten = gemm_to_matmul(model)
+    before = weight_ops(model)
+    head = find_lm_head(model, vocab_size, hidden_size) if graph == "decoder" and lm_head else None
+    if graph == "decoder" and lm_head and head is None:
+        raise BundleError(f"decoder graph: no weight op of shape ({hidden_size}, {vocab_size}) to take "
+                          f"lm_head={lm_head}; leave lm_head out of the recipe")
+    head_is_float = lm_head in ("fp32", "fp16")
+    head_separate = head is not None and lm_head != fmt
+    keep_head = [head] if head_separate else []
+    with _quiet():
+        if act == "fp16":
+            model = _to_fp16(model, keep_fp32=[head] if head is not None and lm_head == "fp32" else [])
+        if fmt == "int8":
+            model = _dynamic_int8(model, None, keep_head, options.per_channel, work)
+        elif fmt in ("w8", "int4"):
+            if graph == "embed" and fmt == "w8":  # the 8-bit block quantizer has no Gather: int8 table + DQ
+                model = _dynamic_int8(model, None, [], False, work)
+            else:
+                model = _block_quant(model, 8 if fmt == "w8" else 4, options, None, keep_head,
+                                     gather=graph == "embed")
+        if head_separate and not head_is_float:
+            if lm_head == "int8":
+                model = _dynamic_int8(model, [head], [], options.per_channel, work)
+            else:
+                model = _block_quant(model, 8 if lm_head == "w8" else 4, options, [head], [], gather=False)
+    after = weight_ops(model)
+    left = [w.node for w in after if w.dtype == "fp32"]
+    n_before = sum(w.dtype == "fp32" for w in before)
+    label = f"{precision};lm_head={lm_head}" if head_separate else precision
+    result = GraphResult(graph, label, len(before), n_before - len(left), left, rewritten,
+                         seconds=time.perf_counter() - t0)
+    return model, result
+
+
+def check_changed(results: dict[str, GraphResult], recipe: Recipe) -> None:
+    """One error naming every graph that was asked to change and did not (or only partly, unasked)."""
+    problems = []
+    for name, r in results.items():
+        if r.precision == "fp32":
+            continue
+        if r.quantized_ops == 0:
+            problems.append(f"{name}: asked for {r.precision}, but none of its {r.weight_ops} weight ops changed "
+                            "(no eligible MatMul/Gemm/Gather with a constant weight, or the quantizer skipped them)")
+            continue
+        expected_left = 1 if name == "decoder" and recipe.lm_head == "fp32" else 0
+        if len(r.left_fp32) > expected_left:
+            problems.append(f"{name}: asked for {r.precision}, but {len(r.left_fp32)} weight ops kept float32 "
+                            f"weights: {', '.join(r.left_fp32[:8])}")
+    if problems:
+        raise ValidationError("the quantizers did not do what the recipe asked:", problems)
+
+
+# ----------------------------------------------------------------------------------------------- bundles
+
+
+def _save_model(model, path: Path, external: bool | None = None) -> tuple[str, ...]:
+    """Save a graph; over ~1.5 GB of weights, into ``<name>.data`` beside it. Returns the external files."""
+    import onnx
+
+    external = _graph_bytes(model) > EXTERNAL_DATA_OVER if external is None else external
+    if not external:
+        onnx.save_model(model, str(path))
+        return ()
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
+    return (data,)
+
+
+def _prepare_target(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {parent}: {exc}") from exc
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}: choose an output directory you can write to")
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _dir_bytes(paths) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
+                    options: QuantOptions = QuantOptions(), log: Callable[[str], None] = print) -> QuantReport:
+    """Write a quantized copy of bundle ``source`` to ``out`` (atomic: a temp dir renamed into place)."""
+    import onnx
+    import onnxruntime as ort
+
+    import edge_duet
+
+    source, out = Path(source), Path(out)
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    recipe.check()
+    options.validate()
+    manifest = Manifest.load(source)
+    manifest.check_files(source)
+    if source.resolve() == out.resolve():
+        raise UsageError("the output bundle must be a new directory, not the source bundle")
+    for g in GRAPHS:
+        src_p, want = manifest.graphs[g].precision, recipe.graph_precision(g)
+        if src_p != "fp32" and src_p != recipe.precision_label(g):
+            raise UsageError(f"{source} has {g} at {src_p}: quantize from the fp32 bundle (the one `edge-duet "
+                             "export` wrote), not from an already quantized one")
+    report = QuantReport(out, recipe)
+    tmp = _prepare_target(out, options.overwrite)
+    work = tmp / ".work"
+    work.mkdir()
+    try:
+        graph_files = {p for g in manifest.graphs.values() for p in (g.path, *g.external_data)}
+        for p in sorted(source.iterdir()):
+            if p.is_file() and p.name not in graph_files and p.name != MANIFEST_NAME:
+                shutil.copy2(p, tmp / p.name)
+        graphs = dict(manifest.graphs)
+        for name in GRAPHS:
+            spec = manifest.graphs[name]
+            precision = recipe.graph_precision(name)
+            src_path = source / spec.path
+            src_bytes = _dir_bytes([src_path, *(source / d for d in spec.external_data)])
+            if precision == "fp32" or spec.precision == recipe.precision_label(name):
+                for rel in (spec.path, *spec.external_data):
+                    shutil.copy2(source / rel, tmp / rel)
+                ops = weight_ops(onnx.load(str(src_path), load_external_data=False))
+                report.graphs[name] = GraphResult(name, spec.precision, len(ops), spec.quantized_ops,
+                                                  size_bytes=src_bytes, source_size_bytes=src_bytes)
+                continue
+            log(f"[{name}] {precision} ...")
+            model = onnx.load(str(src_path))
+            model, result = quantize_graph(model, name, precision, recipe.lm_head if name == "decoder" else None,
+                                           options, work, manifest.text.vocab_size, manifest.text.hidden_size)
+            ext = _save_model(model, tmp / spec.path)
+            del model
+            result.size_bytes = _dir_bytes([tmp / spec.path, *(tmp / d for d in ext)])
+            result.source_size_bytes = src_bytes
+            report.graphs[name] = result
+            graphs[name] = dataclasses.replace(spec, external_data=ext, precision=recipe.precision_label(name),
+                                               quantized_ops=result.quantized_ops)
+            log(f"[{name}] {result.quantized_ops}/{result.weight_ops} weight ops changed in {result.seconds:.1f} s")
+        check_changed(report.graphs, recipe)
+        shutil.rmtree(work)
+        for name in GRAPHS:  # every graph must load before the bundle is published
+            try:
+                ort.InferenceSession(str(tmp / graphs[name].path), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises untyped errors
+                raise ValidationError(f"the {recipe.graph_precision(name)} {name} graph does not load in ONNX "
+                                      f"Runtime {ort.__version__}: {exc}") from exc
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
+                 if p.is_file() and p.stat().st_size < SMALL_FILE and p.name != MANIFEST_NAME}
+        entry = {
+            "step": "quantize",
+            "recipe": str(recipe),
+            "recipe_parts": {**{g: recipe.graph_precision(g) for g in GRAPHS}, "lm_head": recipe.head},
+            "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in ("overwrite", "check")},
+            "source": {"bundle": str(source.resolve()), "name": manifest.name, "variant": manifest.variant,
+                       "files": {manifest.graphs[g].path: manifest.files.get(manifest.graphs[g].path) for g in GRAPHS}},
+            "graphs": {k: v.to_dict() for k, v in report.graphs.items()},
+            "tools": {"edge_duet": edge_duet.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        new = dataclasses.replace(manifest, graphs=graphs, variant=str(recipe), files=files,
+                                  provenance=(*manifest.provenance, entry))
+        new.save(tmp)
+        if options.check:
+            from .compare import probe_agreement
+
+            report.check = probe_agreement(source, tmp)
+            entry["check"] = report.check
+            new = dataclasses.replace(new, provenance=(*manifest.provenance, entry))
+            new.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def estimate_weight_bytes(params: int, precision: str, block_size: int = 32, symmetric: bool = True) -> float:
+    """Bytes on disk of ``params`` weights at ``precision`` (block scales included; per-tensor int8 scales and
+    graph overhead ignored). Scales take the activation type: float32 unless the precision ends in -fp16."""
+    fmt, act = _weight_format(precision), _activation_type(precision)
+    scale = 2 if act == "fp16" else 4
+    if fmt == "fp32":
+        return params * 4.0
+    if fmt == "fp16":
+        return params * 2.0
+    if fmt == "int8":
+        return params * 1.0
+    bits = 8 if fmt == "w8" else 4
+    zp = 0 if symmetric else bits / 8
+    return params * (bits / 8 + (scale + zp) / block_size)
