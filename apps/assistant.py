@@ -203,8 +203,9 @@ class Assistant:
             session = Session(resolve_model(Path(model) if model is not None else None), SessionOptions(**kwargs))
         self._session = session  # touched only by the worker thread from here on (cancel() is thread-safe)
         prompt = session.manifest.prompt
-        self.frame_interval_s = float(self.options.frame_interval_s or prompt.frame_interval_s)
-        self.frames_per_turn = int(self.options.frames_per_turn or prompt.frames_per_turn)
+        o = self.options
+        self.frame_interval_s = float(prompt.frame_interval_s if o.frame_interval_s is None else o.frame_interval_s)
+        self.frames_per_turn = int(prompt.frames_per_turn if o.frames_per_turn is None else o.frames_per_turn)
         if self.frame_interval_s <= 0 or self.frames_per_turn < 1:
             raise UsageError(f"frame_interval_s must be > 0 and frames_per_turn >= 1, got {self.frame_interval_s} "
                              f"and {self.frames_per_turn}.")
@@ -457,7 +458,11 @@ class Assistant:
 
         try:
             while not self._closing.is_set():
-                self._drain_commands()
+                try:
+                    self._drain_commands()
+                except Exception as exc:  # a session that cannot even take a question: report, keep the thread
+                    log.exception("applying a command failed")
+                    self._emit(ModelError(f"{type(exc).__name__}: {exc}", self._turns, False))
                 with self._lock:
                     sampler, cap = self._sampler, self._capture
                 try:
@@ -473,8 +478,6 @@ class Assistant:
                     self._drain_commands()  # a question that came while we waited joins this turn
                     offset = cap.t_offset if cap is not None and sampler is cap.thread.sampler else 0.0
                     self._turn(list(turn.frames), turn.t + offset)
-                    if turn.final and cap is not None and not cap.loop:
-                        self._turn(None, turn.t + offset)  # the end of a file: settle the last silence
                 elif self._ask_since is not None and time.monotonic() - self._ask_since > self._question_wait_s():
                     self._turn([], self._last_turn_t or 0.0)  # no frames are coming: ask in a text-only turn
         finally:
@@ -503,8 +506,9 @@ class Assistant:
                 self._start_capture(cap.spec, True, cap.realtime, t_offset=offset)
                 self._emit(SourceStatus("looped", f"{cap.spec.describe()} started over"))
                 return
-            except EdgeDuetError as exc:
-                self._emit(SourceStatus("error", str(exc)))
+            except Exception as exc:  # SourceError, or OpenCV failing in its own way
+                self._emit(SourceStatus("error", f"{cap.spec.describe()} could not start over: {exc}"))
+        self._turn(None, self._last_turn_t or 0.0)  # the end: settle the last provisional silence
         with self._lock:  # keep showing the last frame; text-only turns still answer; add_frame waits for detach()
             self._sampler = self._new_sampler()
         cap.state = "error" if cap.thread.error is not None else "ended"
@@ -553,8 +557,10 @@ class Assistant:
                 with self._lock:
                     if isinstance(event, ev.TurnStarted) and event.question is not None:
                         self._asks_applied, self._ask_since = 0, None
-                    elif isinstance(event, ev.TurnStats):
+                    elif isinstance(event, ev.TurnStats):  # counted before anyone hears of it: status() agrees
                         self._context_tokens, self._max_context_tokens = event.context_tokens, event.max_context_tokens
+                        self._turns += 1
+                        self._last_turn_t, self._last_turn_s = t, time.perf_counter() - started
                     elif isinstance(event, ev.Reply):
                         self._replies += 1
                         self._recent.append({"turn": event.turn, "t": event.t, "text": event.text})
@@ -580,9 +586,5 @@ class Assistant:
                 self._emit(ResetDone("error"))
             return
         with self._lock:
-            if frames is not None:
-                self._turns += 1
-                self._last_turn_t = t
-                self._last_turn_s = time.perf_counter() - started
             if self._state == "running":
                 self._state = "waiting"

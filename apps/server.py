@@ -588,6 +588,21 @@ def create_app(assistant: Assistant, options: ServerOptions | None = None, *, cl
     return app
 
 
+def make_server(app: Starlette, options: ServerOptions, log_level: str = "warning"):
+    """A uvicorn server for ``app`` whose shutdown first ends the endless MJPEG streams (uvicorn waits for
+    running responses before it lets the app shut down; WebSockets it closes itself)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            hub = getattr(app.state, "hub", None)
+            if hub is not None:
+                hub.closing.set()
+            await super().shutdown(sockets=sockets)
+
+    return Server(uvicorn_config(app, options, log_level))
+
+
 def uvicorn_config(app: Starlette, options: ServerOptions, log_level: str = "warning"):
     import uvicorn
 
@@ -628,11 +643,9 @@ def check_port_free(host: str, port: int) -> None:
 
 def run_server(assistant: Assistant, options: ServerOptions, log_level: str = "warning") -> None:
     """Serve ``assistant`` until Ctrl-C / SIGTERM, then close it. Blocks."""
-    import uvicorn
-
     check_bind(options)
     check_port_free(options.host, options.port)
     try:
-        uvicorn.Server(uvicorn_config(create_app(assistant, options), options, log_level)).run()
+        make_server(create_app(assistant, options), options, log_level).run()
     finally:
         assistant.close()

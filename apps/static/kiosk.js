@@ -167,8 +167,13 @@ function connect() {
   ws.onmessage = (msg) => {
     try { onEvent(JSON.parse(msg.data)); } catch (err) { console.error("bad event", err); }
   };
-  ws.onclose = (e) => {
-    if (e.code === 1008) { setConn("error", "not authorized (open the page with #token=…)"); return; }
+  ws.onclose = async () => {
+    // A refused handshake reaches the page as a bare close: ask the API why.
+    const probe = await api("GET", "/api/status").catch(() => ({ status: 0 }));
+    if (probe.status === 401) {
+      setConn("error", "not authorized: open this page as /#token=YOUR_TOKEN");
+      return;
+    }
     const wait = state.retryMs;
     state.retryMs = Math.min(state.retryMs * 2, 8000);
     setConn("offline", "reconnecting in " + Math.round(wait / 1000) + " s");
