@@ -22,7 +22,9 @@ def serve_command(
     gst: Optional[str] = typer.Option(
         None, "--gst", help="A GStreamer pipeline ending in appsink (Jetson CSI cameras).", rich_help_panel="Source",
     ),
-    demo: bool = typer.Option(False, "--demo", help="Play the generated demo scene (looped).", rich_help_panel="Source"),
+    demo: bool = typer.Option(
+        False, "--demo", help="Play the generated demo scene (looped) and ask the demo question.", rich_help_panel="Source",
+    ),
     loop: bool = typer.Option(False, "--loop", help="Start a --video file over when it ends.", rich_help_panel="Source"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback needs --token.",
                              rich_help_panel="Server"),
@@ -80,7 +82,7 @@ def serve_command(
     if loop and not (video or demo):
         raise UsageError("--loop applies to --video files only.")
     if demo:
-        from edge_duet.apps.demo_scene import demo_video
+        from edge_duet.apps.demo_scene import DEMO_QUESTION, demo_video
 
         sources, loop = [("file", str(demo_video()))], True
     options = ServerOptions(host=host, port=port, token=token or None, allowed_origins=tuple(allow_origin),
@@ -97,6 +99,8 @@ def serve_command(
     try:
         if sources:
             assistant.attach(SourceSpec(*sources[0]), loop=loop)
+        if demo:
+            assistant.ask(DEMO_QUESTION)
     except BaseException:
         assistant.close()
         raise
