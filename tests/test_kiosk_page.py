@@ -27,7 +27,8 @@ from test_server import running_server  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "kiosk-test-token"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test-pattern camera
 
 
 def chromium_path() -> str | None:
@@ -155,3 +156,23 @@ def test_kiosk_page_without_token_says_so(browser, kiosk):
     page.goto(kiosk + "/")
     page.wait_for_function("() => document.getElementById('conn').textContent.startsWith('not authorized')", timeout=15000)
     page.close()
+
+
+def test_kiosk_page_sends_the_browser_camera_when_the_server_has_none(browser, tiny_bundle):
+    options = AssistantOptions(frame_interval_s=0.5, frames_per_turn=1, max_new_tokens=4)
+    with Assistant(tiny_bundle, options) as a, running_server(a, replace(ServerOptions(), frames_per_s=10)) as base:
+        page = browser.new_page(viewport={"width": 640, "height": 360})
+        page.goto(base + "/")
+        page.wait_for_function("() => document.getElementById('conn').textContent === 'live'", timeout=15000)
+        page.wait_for_function("() => !document.getElementById('cam').hidden", timeout=15000)
+        page.click("#cam")
+        page.wait_for_function("() => document.getElementById('live').naturalWidth > 0", timeout=20000)
+        assert page.locator("#cam").get_attribute("aria-pressed") == "true"
+        deadline = time.monotonic() + 20
+        while a.status()["turns"] < 2:
+            assert time.monotonic() < deadline, a.status()
+            time.sleep(0.1)
+        assert a.status()["frames_received"] >= 2 and a.latest_frame()[1].shape[2] == 3
+        page.click("#cam")  # stop sending
+        assert page.locator("#cam").get_attribute("aria-pressed") == "false"
+        page.close()
