@@ -38,6 +38,7 @@ _LAZY = {
     "SessionOptions": "edge_duet.runtime.session",
     "Assistant": "edge_duet.apps.assistant",
     "AssistantOptions": "edge_duet.apps.assistant",
+    "AssistantBusy": "edge_duet.apps.assistant",
     "Reply": "edge_duet.runtime.events",
     "Silence": "edge_duet.runtime.events",
     "TokenDelta": "edge_duet.runtime.events",
@@ -61,7 +62,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "__version__", "Assistant", "AssistantOptions", "BundleError", "CheckpointError", "EdgeDuetError", "Evicted",
+    "__version__", "Assistant", "AssistantBusy", "AssistantOptions", "BundleError", "CheckpointError", "EdgeDuetError", "Evicted",
     "InputError", "Manifest", "ProviderError", "Reply", "Session", "SessionOptions", "Silence", "SourceError",
     "TokenDelta", "TurnStarted", "TurnStats", "ValidationError",
 ]
