@@ -259,6 +259,9 @@ def build_engines(bundle: str | Path, options: EngineOptions = EngineOptions(),
     import edge_duet
 
     options.validate()
+    from edge_duet.errors import require
+
+    require("onnx", "quant", "edge-duet build-engines")
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
     manifest.check_files(bundle)

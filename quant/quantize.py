@@ -13,6 +13,8 @@ preset, see ``PRESETS``). What each precision does to a graph (see docs/quantiza
     int4       weight-only int4, block-wise (MatMulNBits bits=4; the embedding table: GatherBlockQuantized)
     w8-fp16,   the graph goes to float16 first, then its weights to w8 / int4: float16 activations with
     int4-fp16  block-quantized weights, the usual GPU layout
+    int4-qdq   int4 weights as standard ONNX (blocked DequantizeLinear -> MatMul, opset 21) instead of the
+               MatMulNBits contrib op: what TensorRT 10 builds weight-only int4 engines from (vision/decoder only)
 
 ``lm_head`` (the decoder's vocabulary projection, found by its weight shape) defaults to the decoder's
 precision; ``lm_head=fp32`` / ``fp16`` keeps it unquantized (in the decoder's float type), ``int8`` / ``w8`` /
@@ -45,7 +47,7 @@ from edge_duet.errors import BundleError, UsageError, ValidationError
 from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
 
 GRAPHS = ("vision", "embed", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4", "w8-fp16", "int4-fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4", "w8-fp16", "int4-fp16", "int4-qdq")
 LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4")
 PRESETS: dict[str, str] = {
     "fp16": "vision=fp16,embed=fp16,decoder=fp16",
@@ -56,9 +58,11 @@ PRESETS: dict[str, str] = {
     "int4-text": "vision=fp32,embed=fp32,decoder=int4",
     # CPU: int8 where VNNI makes it fast, int4 for the decoder's memory-bound decode, int8 vocabulary projection
     "cpu": "vision=int8,embed=int8,decoder=int4,lm_head=int8",
-    # Jetson (CUDA EP): float16 vision and embedding, int4 decoder with fp16 activations, w8 vocabulary
+    # Jetson (CUDA EP): float16 vision, int8 embedding table, int4 decoder with fp16 activations, w8 vocabulary
     # projection. The 3B fits an 8 GB Orin Nano with it (docs/quantization.md has the arithmetic).
-    "jetson": "vision=fp16,embed=fp16,decoder=int4-fp16,lm_head=w8",
+    "jetson": "vision=fp16,embed=w8,decoder=int4-fp16,lm_head=w8",
+    # TensorRT engines (build-engines --precision fp16): plain-op graphs, the decoder's weights int4 via Q/DQ
+    "trt-int4": "vision=fp32,embed=fp32,decoder=int4-qdq",
 }
 SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest (as export does)
 EXTERNAL_DATA_OVER = 1536 * 1024**2  # graphs whose weights pass this are saved with external data
@@ -106,6 +110,9 @@ class Recipe:
         return recipe
 
     def check(self) -> None:
+        if _is_qdq(self.embed):
+            raise UsageError("embed=int4-qdq: ONNX Runtime's Q/DQ quantizer has no Gather; use embed=fp32 (TensorRT "
+                             "then stores the table in fp16) or embed=int4 / w8 for the CUDA and CPU providers")
         dec, head = self.decoder, self.lm_head
         if head is None:
             return
@@ -114,6 +121,9 @@ class Recipe:
         if head == "int8" and _activation_type(dec) == "fp16":
             raise UsageError(f"lm_head=int8 (dynamic) needs float32 activations, but decoder={dec} computes in "
                              "float16: use lm_head=w8 instead")
+        if dec.endswith("-qdq") and head not in ("fp32", "int4"):
+            raise UsageError(f"lm_head={head} with decoder={dec}: a Q/DQ decoder is for TensorRT, which runs only "
+                             "plain ONNX ops; use lm_head=fp32 or lm_head=int4")
         if head == "fp16" and _activation_type(dec) == "fp32":
             raise UsageError(f"lm_head=fp16 with decoder={dec}: the decoder computes in float32, so an unquantized "
                              "lm_head stays float32; write lm_head=fp32 (or use an -fp16 decoder precision)")
@@ -153,6 +163,10 @@ def _activation_type(precision: str) -> str:
 def _weight_format(precision: str) -> str:
     """fp32 / fp16 (float weights) or int8 / w8 / int4 (quantized)."""
     return precision.split("-")[0]
+
+
+def _is_qdq(precision: str) -> bool:
+    return precision.endswith("-qdq")
 
 
 @dataclass(frozen=True)
@@ -351,15 +365,16 @@ def _dynamic_int8(model, nodes_to_quantize: list[str] | None, nodes_to_exclude: 
 
 
 def _block_quant(model, bits: int, options: QuantOptions, nodes_to_include: list[str] | None,
-                 nodes_to_exclude: list[str], gather: bool):
+                 nodes_to_exclude: list[str], gather: bool, qdq: bool = False):
     import numpy as np
+    from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     q = MatMulNBitsQuantizer(
         model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
         accuracy_level=options.accuracy_level, nodes_to_exclude=nodes_to_exclude, nodes_to_include=nodes_to_include,
         op_types_to_quantize=("MatMul", "Gather") if gather else ("MatMul",),
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        quant_axes=(("MatMul", 0), ("Gather", 1)), quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
     )
     with np.errstate(divide="ignore", invalid="ignore"):  # all-zero padding blocks: scale 0, handled by the quantizer
         q.process()
@@ -371,6 +386,9 @@ def quantize_graph(model, graph: str, precision: str, lm_head: str | None, optio
     """Apply ``precision`` to one graph (a ModelProto); returns (new model, GraphResult without sizes)."""
     t0 = time.perf_counter()
     fmt, act = _weight_format(precision), _activation_type(precision)
+    if _is_qdq(precision) and graph == "embed":
+        raise UsageError("embed=int4-qdq: ONNX Runtime's Q/DQ quantizer has no Gather; use embed=fp32 (TensorRT "
+                         "then stores the table in fp16) or embed=int4 for the CUDA provider")
     if precision == "fp32":
         ops = weight_ops(model)
         return model, GraphResult(graph, precision, len(ops), 0, [w.node for w in ops if w.dtype == "fp32"])
@@ -394,7 +412,7 @@ def quantize_graph(model, graph: str, precision: str, lm_head: str | None, optio
                 model = _dynamic_int8(model, None, [], False, work)
             else:
                 model = _block_quant(model, 8 if fmt == "w8" else 4, options, None, keep_head,
-                                     gather=graph == "embed")
+                                     gather=graph == "embed", qdq=_is_qdq(precision))
         if head_separate and not head_is_float:
             if lm_head == "int8":
                 model = _dynamic_int8(model, [head], [], options.per_channel, work)
@@ -467,7 +485,10 @@ def _dir_bytes(paths) -> int:
 def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
                     options: QuantOptions = QuantOptions(), log: Callable[[str], None] = print) -> QuantReport:
     """Write a quantized copy of bundle ``source`` to ``out`` (atomic: a temp dir renamed into place)."""
-    import onnx
+    from edge_duet.errors import require
+
+    onnx = require("onnx", "quant", "edge-duet quantize")
+    require("onnx_ir", "quant", "edge-duet quantize (ONNX Runtime's block quantizer)")
     import onnxruntime as ort
 
     import edge_duet
@@ -481,7 +502,7 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
     if source.resolve() == out.resolve():
         raise UsageError("the output bundle must be a new directory, not the source bundle")
     for g in GRAPHS:
-        src_p, want = manifest.graphs[g].precision, recipe.graph_precision(g)
+        src_p = manifest.graphs[g].precision
         if src_p != "fp32" and src_p != recipe.precision_label(g):
             raise UsageError(f"{source} has {g} at {src_p}: quantize from the fp32 bundle (the one `edge-duet "
                              "export` wrote), not from an already quantized one")

@@ -93,6 +93,23 @@ def test_build_engines_refuses_contrib_op_graphs(tiny_bundle, tmp_path):
         eng.build_engines(int8, eng.EngineOptions(graphs=("decoder",)), **QUIET)
 
 
+def test_trt_int4_recipe_keeps_plain_onnx_ops(tiny_bundle, tmp_path):
+    """decoder=int4-qdq: int4 weights behind standard DequantizeLinear (opset 21), which TensorRT 10 builds
+    weight-only int4 engines from; it also runs on the CPU provider."""
+    import onnx
+
+    out = tmp_path / "trt-int4"
+    report = quantize_bundle(tiny_bundle, out, "trt-int4", **QUIET)
+    m = Manifest.load(out)
+    assert report.graphs["decoder"].quantized_ops == report.graphs["decoder"].weight_ops
+    for g in ("vision", "embed", "decoder"):
+        assert eng.tensorrt_blockers(onnx.load(str(out / m.graphs[g].path))) == []
+    dec = onnx.load(str(out / "decoder.onnx"))
+    assert sum(n.op_type == "DequantizeLinear" for n in dec.graph.node) == report.graphs["decoder"].weight_ops
+    assert report.check["argmax_agree"] > 0
+    assert _events(out, turns=2)[0]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_missing_tensorrt_names_how_to_get_it(tiny_bundle):
     with pytest.raises(MissingExtraError, match="python3-libnvinfer") as info:

@@ -42,6 +42,8 @@ def test_presets_and_per_graph_recipes_parse():
     ("lm_head=int8", "needs a quantized decoder"),
     ("decoder=int4-fp16,lm_head=int8", "use lm_head=w8"),
     ("decoder=int4,lm_head=fp16", "computes in float32"),
+    ("embed=int4-qdq", "no Gather"),
+    ("decoder=int4-qdq,lm_head=w8", "plain ONNX ops"),
 ])
 def test_bad_recipes_say_what_is_allowed(text, message):
     with pytest.raises(UsageError, match=message):
