@@ -392,8 +392,8 @@ def compare_bundles(bundle_a: str | Path, bundle_b: str | Path, benchmark: str |
         report.benchmark = _benchmark_scores(gold, ra["runs"], rb["runs"])
     for kind in ("reply", "silence"):
         if n and confusion.get(f"{kind}/{kind}") == n:
-            report.notes.append(f"both bundles chose {kind} on every turn: decision agreement says little here "
-                                "(a model that is silent most of the time, e.g. the trained demo model, tests it)")
+            report.notes.append(f"both bundles chose {kind} on every turn: decision agreement says little here; "
+                                "it needs a model whose decisions vary from turn to turn (a trained one)")
     report.a["turn_ms"] = [s["wall_s"] * 1000 for r in ra["runs"] for s in r["stats"]]
     report.b["turn_ms"] = [s["wall_s"] * 1000 for r in rb["runs"] for s in r["stats"]]
     return report
@@ -485,21 +485,27 @@ def plot_report(r: CompareReport, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2.2, 1, 1.4]})
-    ax = axes[0]
     qids = list(dict.fromkeys(row["question_id"] for row in r.per_turn))
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(4.2, min(14.0, 0.16 * len(qids)))),
+                             gridspec_kw={"width_ratios": [2.2, 1, 1.4]})
+    ax = axes[0]
     for y, q in enumerate(qids):
         rows = [row for row in r.per_turn if row["question_id"] == q]
         for row in rows:
             for dy, key, colour in ((0.15, "a", "tab:blue"), (-0.15, "b", "tab:orange")):
                 if row[key] == "reply":
                     ax.plot(row["time_s"], y + dy, "o", color=colour, ms=5)
+                else:  # silence: a small tick, so every turn shows
+                    ax.plot(row["time_s"], y + dy, "|", color="0.6", ms=4)
             if row["a"] != row["b"]:
-                ax.axvline(row["time_s"], ymin=(y + 0.1) / len(qids), ymax=(y + 0.9) / len(qids), color="red",
+                # axes fraction of this row's band (y - 0.35 .. y + 0.35) under ylim (-0.6, n - 0.4)
+                ax.axvline(row["time_s"], ymin=(y + 0.25) / len(qids), ymax=(y + 0.95) / len(qids), color="red",
                            alpha=0.4, lw=3)
-    ax.set_yticks(range(len(qids)), [q[-18:] for q in qids], fontsize=7)
+    every = max(1, len(qids) // 30)
+    ax.set_yticks(range(0, len(qids), every), [q[-18:] for q in qids[::every]], fontsize=7)
+    ax.set_ylim(-0.6, len(qids) - 0.4)
     ax.set_xlabel("video time (s)")
-    ax.set_title(f"replies: A (blue) vs B (orange); red: decisions differ "
+    ax.set_title(f"replies (dots) and silences (ticks): A above, B below; red: decisions differ "
                  f"({_fmt(r.decisions['agreement'], '.0%')} agree)", fontsize=9)
     axes[1].boxplot([r.a["turn_ms"], r.b["turn_ms"]])
     axes[1].set_xticks([1, 2], ["A", "B"])
