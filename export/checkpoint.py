@@ -78,7 +78,7 @@ SHAPES: dict[str, CheckpointShape] = {
     ),
     "perf": CheckpointShape(
         hidden_size=896, num_layers=24, num_attention_heads=14, num_kv_heads=2, intermediate_size=4864,
-        vocab_size=151936, mrope_section=(16, 24, 24), vision_depth=8, vision_hidden_size=640, vision_num_heads=10,
+        vocab_size=151936, mrope_section=(8, 12, 12), vision_depth=8, vision_hidden_size=640, vision_num_heads=10,
         vision_intermediate_size=1708, fullatt_block_indexes=(3, 7), min_pixels=3136, max_pixels=200704,
     ),
     "tiny": CheckpointShape(

@@ -165,3 +165,15 @@ class Engine:
         logits = out[0][0]
         pres = out[1:]
         return logits, KVCache([(pres[2 * i], pres[2 * i + 1]) for i in range(len(pres) // 2)])
+
+
+def open_engine(bundle_dir: str | Path, providers: Sequence[str] | str | None = None,
+                threads: int | None = None) -> Engine:
+    """The engine for ``providers``: on a GPU provider the KV cache stays on the device between calls
+    (``runtime/gpu.py``'s IO-bound engine); on the CPU the plain one."""
+    resolved = resolve_providers(providers)
+    if resolved[0] in (PROVIDER_NAMES["cuda"], PROVIDER_NAMES["tensorrt"]):
+        from .gpu import BoundEngine
+
+        return BoundEngine(bundle_dir, providers=providers, threads=threads)
+    return Engine(bundle_dir, providers=providers, threads=threads)

@@ -30,7 +30,7 @@ from edge_duet.errors import InputError, UsageError
 from edge_duet.manifest import Manifest
 
 from .chat import ChatRenderer, ImagePiece, Piece
-from .engine import Engine, KVCache
+from .engine import Engine, KVCache, open_engine
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
 from .positions import image_advance, image_positions, text_positions
 from .preprocess import preprocess_frame
@@ -125,7 +125,7 @@ class Session:
 
         self.bundle_dir = Path(bundle)
         self.options = options
-        self.engine = engine or Engine(self.bundle_dir, providers=options.providers, threads=options.threads)
+        self.engine = engine or open_engine(self.bundle_dir, providers=options.providers, threads=options.threads)
         self.manifest: Manifest = self.engine.manifest
         self.tokenizer = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
         self.renderer = ChatRenderer(self.tokenizer, self.manifest.tokens, self.manifest.vision.merge_size)
