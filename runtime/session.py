@@ -376,8 +376,8 @@ class Session:
         in_cache = generated[:-1] if closing[0] not in self._eos else generated
         asst.chunks.append(Chunk(ids=tuple(in_cache) + tuple(self._pending.ids)))
         text = self._text(generated)
-        if not text.strip() or (not must_reply and text.strip() == self.manifest.prompt.no_reply_text):
-            yield Silence(turn, t)  # an empty reply says nothing either
+        if not text.strip() or text.strip() == self.manifest.prompt.no_reply_text:
+            yield Silence(turn, t)  # an empty reply, or NO REPLY even after a must-reply prefill, says nothing
         else:
             yield Reply(turn, t, text, tuple(generated), time.perf_counter() - started)
 
