@@ -44,27 +44,15 @@ from edge_duet.errors import CheckpointError
 
 from .checkpoint import SHAPES, CheckpointShape, load_model, make_checkpoint, shape_from_name
 
-# Shapes only the bench uses, until they join export.checkpoint.SHAPES. "bench" is Qwen2.5-VL in miniature
-# (GQA 4:1, M-RoPE, windowed ViT with 2x2 merge, the real 151,936-token vocabulary, 54 visual tokens per 640x480
-# frame) small enough that 200 turns of edge-duet and the transformers loops side by side fit in well under an hour
-# on a 2-core CPU (docs/performance.md).
-BENCH_SHAPES: dict[str, CheckpointShape] = {
-    "bench": CheckpointShape(
-        hidden_size=512, num_layers=8, num_attention_heads=8, num_kv_heads=2, intermediate_size=2048,
-        mrope_section=(8, 12, 12), vision_depth=4, vision_hidden_size=256, vision_num_heads=4,
-        vision_intermediate_size=1024, fullatt_block_indexes=(1, 3), min_pixels=3136, max_pixels=28 * 28 * 64,
-    ),
-}
-
-
 def bench_shape(name: str) -> CheckpointShape:
-    if name in BENCH_SHAPES:
-        return BENCH_SHAPES[name]
+    """A named shape of export.checkpoint.SHAPES; "bench" is Qwen2.5-VL in miniature (GQA 4:1, M-RoPE, windowed
+    ViT, the real 151,936-token vocabulary) small enough that 200 turns of edge-duet and the transformers loops
+    side by side fit in well under an hour on a 2-core CPU (docs/performance.md)."""
     return shape_from_name(name)
 
 
 def shape_names() -> list[str]:
-    return sorted(set(SHAPES) | set(BENCH_SHAPES))
+    return sorted(SHAPES)
 
 
 def prepare_shape(name: str, cache_dir: str | Path, seed: int = 0, validate: bool = True,

@@ -81,6 +81,12 @@ SHAPES: dict[str, CheckpointShape] = {
         vocab_size=151936, mrope_section=(8, 12, 12), vision_depth=8, vision_hidden_size=640, vision_num_heads=10,
         vision_intermediate_size=1708, fullatt_block_indexes=(3, 7), min_pixels=3136, max_pixels=200704,
     ),
+    # Qwen2.5-VL in miniature with the real vocabulary: what `edge-duet bench` measures (docs/performance.md)
+    "bench": CheckpointShape(
+        hidden_size=512, num_layers=8, num_attention_heads=8, num_kv_heads=2, intermediate_size=2048,
+        mrope_section=(8, 12, 12), vision_depth=4, vision_hidden_size=256, vision_num_heads=4,
+        vision_intermediate_size=1024, fullatt_block_indexes=(1, 3), min_pixels=3136, max_pixels=28 * 28 * 64,
+    ),
     "tiny": CheckpointShape(
         hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, intermediate_size=128,
         vocab_size=0, mrope_section=(2, 3, 3), vision_depth=2, vision_hidden_size=32, vision_num_heads=2,

@@ -36,6 +36,9 @@ from .positions import image_advance, image_positions, text_positions
 from .preprocess import preprocess_frame
 
 
+REPREFILL_CHUNK = 512  # tokens per decoder call when the kept window is re-prefilled after eviction
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     system_prompt: str | None = None  # None: the bundle's default
@@ -403,7 +406,8 @@ class Session:
         Kept: the system prompt; the newest turns that fit in half the budget; and the text of the newest
         question if its turn fell out (its frames go). Re-anchoring at position 0 keeps positions inside the
         range the model was trained on, however long the stream runs. Cost: one prefill of the kept window
-        (about half the context) every ~half-context tokens of stream.
+        (about half the context, in slices of ``REPREFILL_CHUNK`` tokens so the attention scores stay small)
+        every ~half-context tokens of stream.
         """
         if self._pending.verify:  # settle a provisional silence first: it becomes part of the kept history
             yield from self.finish()
@@ -433,7 +437,12 @@ class Session:
         self.segments = [system] + kept
         chunks = [c for s in self.segments for c in s.chunks]
         emb, pos = self._assemble(chunks, 0)
-        _, self.cache = self.engine.decode(emb, pos, KVCache.empty(self.manifest))
+        # In slices: one call over the whole window would build (window x window) attention scores at once.
+        cache = KVCache.empty(self.manifest)
+        for start in range(0, emb.shape[0], REPREFILL_CHUNK):
+            end = start + REPREFILL_CHUNK
+            _, cache = self.engine.decode(emb[start:end], pos[:, start:end], cache)
+        self.cache = cache
         self._pending = _Pending()
         yield Evicted(self.turn - 1, self._t, before - self.context_tokens, self.context_tokens,
                       time.perf_counter() - t0)
