@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 import resource
 import shutil
 import time
@@ -17,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edge_duet.errors import BundleError, CheckpointError, UsageError
+from edge_duet.bundle_io import prepare_target
+from edge_duet.errors import CheckpointError
 from edge_duet.manifest import (
     GraphSpec, Manifest, PreprocessSpec, PromptSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
 )
@@ -66,29 +66,13 @@ def _stage(report: ExportReport, name: str, log: Callable[[str], None]):
     log(f"[{name}] done in {report.stage_seconds[name]:.1f} s (peak memory {_peak_rss_gb():.2f} GB)")
 
 
-def _prepare_target(bundle_dir: Path, overwrite: bool) -> Path:
-    if bundle_dir.exists() and not overwrite:
-        raise UsageError(f"{bundle_dir} already exists; pass --overwrite to replace it")
-    parent = bundle_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {parent}: {exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}: choose an output directory you can write to")
-    tmp = parent / f".{bundle_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: ExportOptions = ExportOptions(),
                   log: Callable[[str], None] = print) -> ExportReport:
     import torch
 
     bundle_dir = Path(bundle_dir)
     report = ExportReport(bundle_dir=bundle_dir)
-    tmp = _prepare_target(bundle_dir, options.overwrite)
+    tmp = prepare_target(bundle_dir, options.overwrite)
     try:
         with _stage(report, "load", log):
             model, info = load_model(checkpoint_dir)

@@ -152,7 +152,6 @@ def _run_onnx(bundle_dir, seed, decode_steps, frame_sizes, low_memory) -> _OnnxS
     rows = [len(prefix) + i for i in rows_local]
     cases.append(("turn on a cache + decode", full_ids, [1, 2, 0], rows, logits, kv_after, cont))
     frames_ref = [(i, p_, g) for i, (p_, g) in enumerate(pre)]
-    del engine, session
     return _OnnxSide(cases=cases, frames=frames_ref, image_pad=m.tokens.image_pad, eos=eos)
 
 

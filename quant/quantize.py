@@ -36,13 +36,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edge_duet.bundle_io import prepare_target
 from edge_duet.errors import BundleError, UsageError, ValidationError
 from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
 
@@ -462,22 +462,6 @@ def _save_model(model, path: Path, external: bool | None = None) -> tuple[str, .
     return (data,)
 
 
-def _prepare_target(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {parent}: {exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}: choose an output directory you can write to")
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def _dir_bytes(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
@@ -507,7 +491,7 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
             raise UsageError(f"{source} has {g} at {src_p}: quantize from the fp32 bundle (the one `edge-duet "
                              "export` wrote), not from an already quantized one")
     report = QuantReport(out, recipe)
-    tmp = _prepare_target(out, options.overwrite)
+    tmp = prepare_target(out, options.overwrite)
     work = tmp / ".work"
     work.mkdir()
     try:
