@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_QUESTION = "Tell me whenever a shape appears, moves, changes colour or leaves."
+DEMO_QUESTION = "How many objects are there? Tell me when the number changes."
 DEMO_DURATION_S = 24.0
 DEMO_FPS = 10
 DEMO_SIZE = 448
