@@ -3,14 +3,12 @@ end-to-end runs on generated videos, a local RTSP server and a stream killed mid
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
 import shutil
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
@@ -21,6 +19,8 @@ import cv2
 import numpy as np
 import pytest
 from typer.testing import CliRunner
+
+from mjpeg import MjpegServer
 
 from edge_duet.apps.cli import app
 from edge_duet.apps.runner import Command, Question, Runner, RunOptions, display_available, parse_input
@@ -592,50 +592,6 @@ def test_e2e_rtsp_stream_from_a_local_gstreamer_server(tiny_bundle, tmp_path):
     assert [e for e in evs if e["event"] == "turn"][0]["question"] == "what is bouncing?"
 
 
-class MjpegServer:
-    """An MJPEG-over-HTTP camera that can be killed and brought back on the same port."""
-
-    def __init__(self, port: int, fps: float = 25.0):
-        self.port, self.fps, self.running, self._srv = port, fps, False, None
-
-    def start(self) -> "MjpegServer":
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                i = 0
-                try:
-                    while outer.running:
-                        _, buf = cv2.imencode(".jpg", np.full((48, 64, 3), (i * 9) % 256, np.uint8))
-                        data = buf.tobytes()
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data))
-                        self.wfile.write(data + b"\r\n")
-                        i += 1
-                        time.sleep(1 / outer.fps)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self.running = True
-        self._srv = Server(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.running = False
-        if self._srv is not None:
-            self._srv.shutdown()
-            self._srv.server_close()
-            self._srv = None
 
 
 def free_port() -> int:
