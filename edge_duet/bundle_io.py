@@ -3,9 +3,11 @@ beside the target and renames it into place only when it is complete."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from .errors import UsageError
 
@@ -25,3 +27,18 @@ def prepare_target(out: Path, overwrite: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+@contextlib.contextmanager
+def staged_bundle(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory to write a bundle into; on success it replaces ``out``, on any failure
+    (Ctrl-C included) it is removed, so a half-written bundle never sits where a good one is expected."""
+    tmp = prepare_target(out, overwrite)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

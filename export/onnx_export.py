@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edge_duet.bundle_io import prepare_target
+from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import CheckpointError
 from edge_duet.manifest import (
     GraphSpec, Manifest, PreprocessSpec, PromptSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
@@ -72,8 +72,7 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
 
     bundle_dir = Path(bundle_dir)
     report = ExportReport(bundle_dir=bundle_dir)
-    tmp = prepare_target(bundle_dir, options.overwrite)
-    try:
+    with staged_bundle(bundle_dir, options.overwrite) as tmp:
         with _stage(report, "load", log):
             model, info = load_model(checkpoint_dir)
         manifest = build_manifest(model, info, options)
@@ -107,12 +106,6 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
                                                    "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
                                                    "validated": bool(options.validate)})
         manifest.save(tmp)
-        if bundle_dir.exists():
-            shutil.rmtree(bundle_dir)
-        tmp.rename(bundle_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_duet.bundle_io import prepare_target
+from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import BundleError, UsageError, ValidationError
 from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
 
@@ -491,10 +491,9 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
             raise UsageError(f"{source} has {g} at {src_p}: quantize from the fp32 bundle (the one `edge-duet "
                              "export` wrote), not from an already quantized one")
     report = QuantReport(out, recipe)
-    tmp = prepare_target(out, options.overwrite)
-    work = tmp / ".work"
-    work.mkdir()
-    try:
+    with staged_bundle(out, options.overwrite) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
         graph_files = {p for g in manifest.graphs.values() for p in (g.path, *g.external_data)}
         for p in sorted(source.iterdir()):
             if p.is_file() and p.name not in graph_files and p.name != MANIFEST_NAME:
@@ -555,12 +554,6 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
             entry["check"] = report.check
             new = dataclasses.replace(new, provenance=(*manifest.provenance, entry))
             new.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
