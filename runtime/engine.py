@@ -114,15 +114,16 @@ class Engine:
         if low_memory:  # no pre-packed weight copies, no arena: slower, but a 3B fp32 graph fits in RAM once
             opts.add_session_config_entry("session.disable_prepacking", "1")
             opts.enable_cpu_mem_arena = False
+        self.session_options = opts
         self.sessions = {}
         for name in ("vision", "embed", "decoder"):
-            path = self.bundle_dir / self.manifest.graphs[name].path
+            path, providers = self._session_source(name)
             try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
                 raise BundleError(
-                    f"cannot load {path}: {exc}. The file is corrupt or from an incompatible exporter; "
-                    "re-export the bundle with `edge-duet export CHECKPOINT BUNDLE --overwrite`."
+                    f"cannot load {path} with {self.providers[0]}: {exc}. The file is corrupt or from an incompatible "
+                    "exporter; re-export the bundle with `edge-duet export CHECKPOINT BUNDLE --overwrite`."
                 ) from exc
             check_providers(sess, self.providers, name)
             self.sessions[name] = sess
@@ -130,6 +131,11 @@ class Engine:
         self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(n_layers)]
         self._present_names = [n for i in range(n_layers) for n in (f"present.{i}.key", f"present.{i}.value")]
         self.decoder_calls = 0
+
+    def _session_source(self, graph: str) -> tuple[Path, list]:
+        """The model file and provider list ONNX Runtime opens for ``graph`` (the GPU engine overrides this to
+        use TensorRT engines and provider options)."""
+        return self.bundle_dir / self.manifest.graphs[graph].path, self.providers
 
     # ------------------------------------------------------------------ graphs
     def encode_frames(self, patches: np.ndarray, grids: Sequence[Grid]) -> np.ndarray:

@@ -20,7 +20,6 @@ from the graph, with explicit profiles and an engine cache under ``engines/ort-c
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ import numpy as np
 from edge_duet.errors import BundleError
 from edge_duet.manifest import Manifest, sha256_file
 
-from .engine import Engine, KVCache, check_providers, resolve_providers
+from .engine import Engine, KVCache, resolve_providers
 
 RECORD_KEY = "tensorrt_engines"  # Manifest.export_info key until the manifest has an ``engines`` field
 GRAPHS = ("vision", "embed", "decoder")
@@ -270,33 +269,14 @@ class BoundEngine(Engine):
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None,
                  providers: Sequence[str] | str | None = "cuda", threads: int | None = None,
                  gpu: GpuOptions = GpuOptions()):
-        import onnxruntime as ort
-
-        self.bundle_dir = Path(bundle_dir)
-        self.manifest = manifest or Manifest.load(self.bundle_dir)
-        self.manifest.check_files(self.bundle_dir)
-        self.providers = resolve_providers(providers)
         self.gpu = gpu
-        self.device = "cuda" if self.providers[0] in (CUDA, TRT) else "cpu"
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        self.sessions = {}
-        for name in GRAPHS:
-            path, provs = session_config(self.bundle_dir, self.manifest, name, self.providers, gpu)
-            try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=provs)
-            except Exception as exc:  # onnxruntime raises its own untyped errors
-                raise BundleError(f"cannot load {path} with {self.providers[0]}: {exc}") from exc
-            check_providers(sess, self.providers, name)
-            self.sessions[name] = sess
-        n = self.manifest.text.num_layers
-        self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(n)]
-        self._present_names = [x for i in range(n) for x in (f"present.{i}.key", f"present.{i}.value")]
-        self.decoder_calls = 0
+        self.device = "cuda" if resolve_providers(providers)[0] in (CUDA, TRT) else "cpu"
+        super().__init__(bundle_dir, manifest, providers=providers, threads=threads)
         self._slicer = None
-        self._slicer_opts = opts
+        self._slicer_opts = self.session_options
+
+    def _session_source(self, graph: str) -> tuple[Path, list]:
+        return session_config(self.bundle_dir, self.manifest, graph, self.providers, self.gpu)
 
     def _on_device(self, cache) -> DeviceKVCache:
         if isinstance(cache, DeviceKVCache):
