@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
                                                                  "train-demo) instead of starting from scratch."),
         shape: str = typer.Option("demo", "--shape", help="'demo' (2.5 M parameters) or a test shape, e.g. 'tiny'."),
         batch_size: int = typer.Option(4, "--batch-size", help="Dialogues per step."),
+        lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (60 warm-up steps, cosine to 10 %)."),
         eval_dialogues: int = typer.Option(8, "--eval-dialogues",
                                            help="Held-out dialogues scored greedily every quarter (0: none)."),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
@@ -40,8 +41,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--init-from {init_from} is not a checkpoint directory (no config.json)")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-        opts = TrainOptions(minutes=minutes, steps=steps, init_from=init_from, seed=seed, shape=shape, batch_size=batch_size,
-                            eval_dialogues=eval_dialogues, threads=threads)
+        opts = TrainOptions(minutes=minutes, steps=steps, init_from=init_from, seed=seed, shape=shape, lr=lr,
+                            batch_size=batch_size, eval_dialogues=eval_dialogues, threads=threads)
         result = train(out_checkpoint, opts, log=eprint)
         last = result.evals[-1] if result.evals else {}
         eprint(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; checkpoint: {result.checkpoint}")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-def predict(checkpoint: Path, bench_dir: Path, limit: int | None = None, threads: int = 2, log=print) -> list[dict]:
+def predict(checkpoint: Path, bench_dir: Path, limit: int | None = None, threads: int = 1, log=print) -> list[dict]:
     import cv2
     import torch
     from tokenizers import Tokenizer
