@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def make_checkpoint_cmd(
         out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint to."),
-        shape: str = typer.Option("tiny", help="Named shape: tiny, tiny-mha, tiny-deep, perf, 3b, 7b."),
+        shape: str = typer.Option("tiny", help="Named shape: tiny, tiny-mha, tiny-deep, tiny-serve (vLLM), bench, perf, 3b, 7b."),
         seed: int = typer.Option(0, help="Random seed of the weights."),
         dtype: str = typer.Option("float32", help="Weight dtype on disk: float32 or bfloat16 (3b/7b: bfloat16 halves RAM)."),
         flat_config: bool = typer.Option(False, help="Write the flat hub-style config.json that Qwen2.5-VL-3B ships."),

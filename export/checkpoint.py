@@ -104,6 +104,14 @@ SHAPES: dict[str, CheckpointShape] = {
         vision_intermediate_size=128, vision_window_size=56, fullatt_block_indexes=(3,),
         min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 80,
     ),
+    # The smallest shape vLLM's CPU attention serves (head_dim 32; it has no kernel for 16); untied so that
+    # tests/chatty.py can calibrate it: the remote-backend tests
+    "tiny-serve": CheckpointShape(
+        hidden_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2, intermediate_size=256,
+        vocab_size=0, mrope_section=(4, 6, 6), vision_depth=2, vision_hidden_size=32, vision_num_heads=2,
+        vision_intermediate_size=64, fullatt_block_indexes=(1,), tie_word_embeddings=False,
+        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
+    ),
 }
 
 

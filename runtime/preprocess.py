@@ -26,7 +26,7 @@ from PIL import Image
 from edge_duet.errors import BundleError, InputError, UsageError
 from edge_duet.manifest import PreprocessSpec
 
-__all__ = ["smart_resize", "preprocess_frame", "preprocess_frames"]
+__all__ = ["smart_resize", "resize_frame", "preprocess_frame", "preprocess_frames"]
 
 # The aspect-ratio limit of the reference; beyond it the resized image would degenerate to one patch row.
 MAX_ASPECT_RATIO = 200
@@ -104,18 +104,14 @@ def _to_rgb_image(frame, channels: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(frame), mode="RGB")
 
 
-def preprocess_frame(frame, spec: PreprocessSpec, channels: str = "bgr") -> tuple[np.ndarray, tuple[int, int, int]]:
-    """One frame -> ``(patches, grid_thw)``.
-
-    frame: HxWx3 uint8 array in ``channels`` order ("bgr" from OpenCV, "rgb"), or a PIL image (any mode; always
-    treated as RGB, ``channels`` is ignored for it).
-    Returns patches float32 ``(gh*gw, C*T*P*P)`` (C=3, T=temporal_patch_size, P=patch_size) and
-    ``grid_thw = (1, gh, gw)`` in patches (gh = resized height / P).
-    """
+def resize_frame(frame, spec: PreprocessSpec, channels: str = "bgr") -> Image.Image:
+    """One frame -> the RGB PIL image the vision tower sees: smart-resized to the pixel budget, sides multiples of
+    ``patch_size * merge_size``. (The remote backend sends this image, so the network carries no more pixels than
+    the model uses.)"""
     image = _to_rgb_image(frame, channels)
-    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
     height, width = smart_resize(
-        image.height, image.width, factor=p * m, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
+        image.height, image.width, factor=spec.patch_size * spec.merge_size,
+        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
     )
     try:
         resample = _RESAMPLE[spec.resample.lower()]
@@ -126,6 +122,20 @@ def preprocess_frame(frame, spec: PreprocessSpec, channels: str = "bgr") -> tupl
         ) from None
     if image.size != (width, height):  # PIL returns a plain copy for an unchanged size, so skipping is exact
         image = image.resize((width, height), resample=resample)
+    return image
+
+
+def preprocess_frame(frame, spec: PreprocessSpec, channels: str = "bgr") -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One frame -> ``(patches, grid_thw)``.
+
+    frame: HxWx3 uint8 array in ``channels`` order ("bgr" from OpenCV, "rgb"), or a PIL image (any mode; always
+    treated as RGB, ``channels`` is ignored for it).
+    Returns patches float32 ``(gh*gw, C*T*P*P)`` (C=3, T=temporal_patch_size, P=patch_size) and
+    ``grid_thw = (1, gh, gw)`` in patches (gh = resized height / P).
+    """
+    image = resize_frame(frame, spec, channels)
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    height, width = image.height, image.width
 
     # (H, W, C) uint8. Rescale in float64 then cast, normalize in float32: the reference's exact arithmetic.
     x = (np.asarray(image).astype(np.float64) * spec.rescale_factor).astype(np.float32)
