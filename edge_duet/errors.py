@@ -60,6 +60,32 @@ class ProviderError(EdgeDuetError):
     exit_code = 8
 
 
+class ServerError(EdgeDuetError):
+    """A remote serving engine (vLLM, ``--server``) that failed a request; the subclasses say how."""
+
+    exit_code = 12
+
+
+class ServerUnavailable(ServerError):
+    """The server could not be reached (refused, reset, DNS) even after the retries."""
+
+
+class ServerTimeout(ServerError):
+    """The server accepted the request but sent nothing for longer than the read timeout."""
+
+
+class ServerModelMismatch(ServerError):
+    """The server runs, but does not serve the model asked for (or serves it with too short a context)."""
+
+
+class ServerRejected(ServerError):
+    """The server answered a request with an error status (bad token, bad request, engine failure)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        self.status = status
+        super().__init__(message)
+
+
 class MissingExtraError(EdgeDuetError):
     """An optional dependency is not installed; the message names the extra."""
 
