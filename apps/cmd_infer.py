@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import handle_errors, resolve_model
+from . import remote_options as ro
+from .common import handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -23,15 +24,22 @@ def register(app: typer.Typer) -> None:
         token_drop: Optional[float] = typer.Option(None, help="Drop visual tokens whose cosine similarity to the previous frame's exceeds this."),
         max_context: Optional[int] = typer.Option(None, help="Maximum context in tokens (default: the bundle's)."),
         providers: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (comma-separated for a list)."),
+        server: Optional[str] = ro.SERVER,
+        served_model: Optional[str] = ro.SERVED_MODEL,
+        server_token: Optional[str] = ro.SERVER_TOKEN,
+        server_api: str = ro.SERVER_API,
+        server_image: str = ro.SERVER_IMAGE,
+        server_timeout: float = ro.SERVER_TIMEOUT,
     ):
         """Run a bundle over frame-input examples and write the replies (JSONL, as `edge-duet eval` reads them)."""
         from tqdm import tqdm
 
         from edge_duet.runtime.infer import load_examples, run_example
-        from edge_duet.runtime.session import Session, SessionOptions
+        from edge_duet.runtime.session import SessionOptions
 
+        remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
         examples = load_examples(input_json)
-        session = Session(resolve_model(model), SessionOptions(
+        session = ro.open_session(model, remote, SessionOptions(
             system_prompt=system_prompt, max_new_tokens=max_new_tokens, max_context_tokens=max_context,
             token_drop_threshold=token_drop, providers=tuple(providers.split(",")) if providers else None))
         output.parent.mkdir(parents=True, exist_ok=True)

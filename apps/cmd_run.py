@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from edge_duet.apps import remote_options as ro
 from edge_duet.apps.common import handle_errors
 
 
@@ -65,6 +66,12 @@ def run_command(
         None, "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. CUDAExecutionProvider,CPUExecutionProvider).",
         rich_help_panel="Model",
     ),
+    server: Optional[str] = ro.SERVER,
+    served_model: Optional[str] = ro.SERVED_MODEL,
+    server_token: Optional[str] = ro.SERVER_TOKEN,
+    server_api: str = ro.SERVER_API,
+    server_image: str = ro.SERVER_IMAGE,
+    server_timeout: float = ro.SERVER_TIMEOUT,
 ) -> None:
     """Watch a camera, stream or video file and reply as things happen; type questions while it runs.
 
@@ -89,7 +96,9 @@ def run_command(
         )
     if sources and not realtime and sources[0][0] != "file":
         raise UsageError("--fast plays files only; a camera or stream runs on the wall clock.")
-    bundle = resolve_model(model)  # before rendering the demo scene: a missing model fails at once
+    remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
+    # before rendering the demo scene: a missing model fails at once
+    bundle = resolve_model(model) if remote is None else ro.require_model(model)
     questions = list(ask)
     if demo:
         from edge_duet.apps.demo_scene import DEMO_QUESTION, demo_video
@@ -117,7 +126,7 @@ def run_command(
 
     source = open_source(spec)  # fails fast, before the model loads
     try:
-        session = _load_session(bundle, max_new_tokens, max_context, token_drop, providers)
+        session = _load_session(bundle, max_new_tokens, max_context, token_drop, providers, remote)
     except BaseException:
         source.release()
         raise
@@ -149,8 +158,8 @@ def _speech_options(speak: bool, tts: str, voice: Optional[str], audio_dir: Opti
 
 
 def _load_session(bundle: Path, max_new_tokens: int, max_context: Optional[int], token_drop: Optional[float],
-                  providers: Optional[str]):
-    from edge_duet.runtime.session import Session, SessionOptions
+                  providers: Optional[str], remote=None):
+    from edge_duet.runtime.session import SessionOptions
 
     options = SessionOptions(
         max_new_tokens=max_new_tokens,
@@ -158,7 +167,7 @@ def _load_session(bundle: Path, max_new_tokens: int, max_context: Optional[int],
         token_drop_threshold=token_drop,
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
     )
-    return Session(bundle, options)
+    return ro.open_session(bundle, remote, options)
 
 
 def _run(session, source, spec, realtime, interval, per_turn, questions, must_reply, events, speech, display, bundle) -> int:
@@ -178,7 +187,7 @@ def _run(session, source, spec, realtime, interval, per_turn, questions, must_re
     )
     manifest = session.manifest
     banner = (
-        f"edge-duet run · model {manifest.name} ({manifest.variant}) from {bundle} · {spec.describe()} · "
+        f"edge-duet run · model {manifest.name} ({manifest.variant}) {_where(session, bundle)} · {spec.describe()} · "
         f"{interval:g} s/frame, {per_turn} frame(s)/turn · {clock.name} clock"
         + (f" · speech: {speech.engine}" if speech else "")
         + "\ntype a question and Enter (end it with ?! to demand an answer now); /help lists commands"
@@ -191,3 +200,8 @@ def _run(session, source, spec, realtime, interval, per_turn, questions, must_re
             speaker.close()
         raise
     return runner.run()
+
+
+def _where(session, bundle) -> str:
+    remote = getattr(session, "server", None)
+    return f"from {bundle}" if remote is None else f"on {remote.api_url} as {remote.served_model!r} ({remote.api} API)"

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from edge_duet.apps import remote_options as ro
 from edge_duet.apps.common import handle_errors
 
 
@@ -58,6 +59,12 @@ def serve_command(
     providers: Optional[str] = typer.Option(
         None, "--providers", help="ONNX Runtime providers in order, comma-separated.", rich_help_panel="Model",
     ),
+    server: Optional[str] = ro.SERVER,
+    served_model: Optional[str] = ro.SERVED_MODEL,
+    server_token: Optional[str] = ro.SERVER_TOKEN,
+    server_api: str = ro.SERVER_API,
+    server_image: str = ro.SERVER_IMAGE,
+    server_timeout: float = ro.SERVER_TIMEOUT,
 ) -> None:
     """Serve the assistant to browsers and apps: the kiosk page at /, the API described at /openapi.json.
 
@@ -87,15 +94,20 @@ def serve_command(
         sources, loop = [("file", str(demo_video()))], True
     options = ServerOptions(host=host, port=port, token=token or None, allowed_origins=tuple(allow_origin),
                             max_frame_bytes=int(max_frame_mb * 1024 * 1024))
+    remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
     check_bind(options)  # before loading anything
     check_port_free(host, port)
     session_options = {"max_context_tokens": max_context, "token_drop_threshold": token_drop,
                        "providers": tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None}
-    assistant = Assistant(
-        resolve_model(model),
-        AssistantOptions(frame_interval_s=frame_interval, frames_per_turn=frames_per_turn, max_new_tokens=max_new_tokens),
-        session_options,
-    )
+    assistant_options = AssistantOptions(frame_interval_s=frame_interval, frames_per_turn=frames_per_turn,
+                                         max_new_tokens=max_new_tokens)
+    if remote is None:
+        assistant = Assistant(resolve_model(model), assistant_options, session_options)
+    else:
+        from edge_duet.runtime.session import SessionOptions
+
+        session = ro.open_session(model, remote, SessionOptions(max_new_tokens=max_new_tokens, **session_options))
+        assistant = Assistant(options=assistant_options, session=session)
     try:
         if sources:
             assistant.attach(SourceSpec(*sources[0]), loop=loop)
