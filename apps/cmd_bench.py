@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from . import remote_options as ro
 from .common import eprint, handle_errors
 
 BASELINES = {"demo": True, "kv": False}  # name -> DemoLoop(rerender=...)
@@ -71,6 +72,14 @@ def bench_command(
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Validate bundles this command exports."),
     quick: bool = typer.Option(False, help="A seconds-long smoke run: the tiny shape (unless TARGET or --shape), "
                                            "6 turns, 160x120 frames, 4-token replies."),
+    server: Optional[str] = ro.SERVER,
+    served_model: Optional[str] = ro.SERVED_MODEL,
+    server_token: Optional[str] = ro.SERVER_TOKEN,
+    server_api: str = ro.SERVER_API,
+    server_image: str = ro.SERVER_IMAGE,
+    server_timeout: float = ro.SERVER_TIMEOUT,
+    streams: str = typer.Option("1,2,4", help="With --server: numbers of concurrent streams to measure.",
+                                rich_help_panel=ro.PANEL),
 ) -> None:
     """Measure vision, prefill, silent-turn, reply and memory cost per turn, edge-duet against the transformers
     loop on the same checkpoint, and decode speed against the memory-bandwidth limit. Prints a table, writes JSON.
@@ -79,6 +88,9 @@ def bench_command(
     from edge_duet.manifest import Manifest
     from edge_duet.runtime.bench import BenchOptions, Job, run_bench
 
+    remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
+    if remote is not None:
+        return _bench_streams(target, remote, streams, turns, frame_size, reply_tokens, max_context, quick, json_out)
     if plot is not None:  # fail before measuring, not after
         from edge_duet.errors import require
 
@@ -132,6 +144,28 @@ def bench_command(
     if plot is not None:
         typer.echo(f"wrote {plot_turns(report, plot)}")
     if any(r["error"] for r in report["results"]):
+        raise typer.Exit(1)
+
+
+def _bench_streams(target: Optional[Path], remote, streams: str, turns: Optional[int], frame_size: str,
+                   reply_tokens: int, max_context: Optional[int], quick: bool, json_out: Path) -> None:
+    """`bench --server`: per-turn latency and server throughput against the number of concurrent streams."""
+    from edge_duet.runtime.remote_bench import StreamsOptions, format_streams, report, run_streams
+    from edge_duet.runtime.session import SessionOptions
+
+    model = ro.require_model(target)
+    w, h = _ints(frame_size, "--frame-size") if not quick else (160, 120)
+    options = StreamsOptions(streams=_ints(streams, "--streams"), turns=turns or (6 if quick else 20),
+                             frame_size=(w, h), max_new_tokens=reply_tokens if not quick else 4)
+    rows = run_streams(model, remote, options, SessionOptions(max_new_tokens=options.max_new_tokens,
+                                                              max_context_tokens=max_context), log=eprint)
+    typer.echo(format_streams(rows, f"{remote.served_model} on {remote.api_url} ({remote.api} API, "
+                                    f"{remote.image_format} frames {w}x{h}, {options.turns} turns per stream)"))
+    data = report(rows, options, remote, model)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(data, indent=1) + "\n")
+    typer.echo(f"wrote {json_out}")
+    if data["errors"]:
         raise typer.Exit(1)
 
 
