@@ -194,7 +194,7 @@ class Client:
             response.close()
         if status == 401:
             hint = "the server wants a bearer token: pass --server-token (or EDGE_DUET_SERVER_TOKEN)"
-        elif status == 404 and url.endswith("/inference/v1/generate"):
+        elif status in (403, 404) and url.endswith("/inference/v1/generate"):
             hint = "the token endpoint is off: start vLLM with --enable-scale-out, or use --server-api chat"
         elif status == 404:
             hint = "no such endpoint or model: check --server and --served-model"
