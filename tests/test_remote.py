@@ -356,3 +356,30 @@ def test_assistant_behind_serve_drives_the_remote_session(served):
     got = next(e for e in seen if isinstance(e, Reply))
     assert (got.turn, got.text, got.token_ids) == (want.turn, want.text, want.token_ids)
     session.close()
+
+
+def test_cancel_ends_the_reply_where_it_is_as_locally(served):
+    """cancel() on the first streamed text closes the stream; the dialogue goes on exactly as a local session
+    cancelled at the same token."""
+    ckpt, bundle, server = served
+    dialogue = script(seed=23, turns=5)
+    dialogue[0] = (dialogue[0][0], "Describe it.", True, dialogue[0][3])  # must reply: text streams at once
+
+    def run(session):
+        events = []
+        for k, turn in enumerate(dialogue):
+            feed(session, turn)
+            for e in session.step():
+                events.append(e)
+                if k == 0 and isinstance(e, TokenDelta):
+                    session.cancel()
+        return events + list(session.finish())
+
+    local = Session(bundle, SessionOptions(max_new_tokens=MAX_NEW))
+    want = run(local)
+    with RemoteSession(ckpt, remote(server.url), SessionOptions(max_new_tokens=MAX_NEW)) as rs:
+        got = run(rs)
+        assert rs.dialogue_ids() == local.dialogue_ids()
+    first = next(e for e in got if isinstance(e, Reply) and e.turn == 0)
+    assert 1 <= len(first.token_ids) < MAX_NEW
+    assert outcome(got) == outcome(want)
