@@ -17,7 +17,8 @@ Differences from :class:`~edge_duet.runtime.session.Session`:
 - Two APIs (:class:`~edge_duet.runtime.remote_client.ServerOptions`): ``tokens`` keeps the dialogue as token
   ids and is exact (the tests compare it id for id with the local runtime); ``chat`` keeps it as text and lets
   the server render the template: what a trained model needs, but a reply that is not clean text (random
-  weights) re-encodes to other ids, so later turns may differ from a local run.
+  weights) re-encodes to other ids, so later turns may differ from a local run. The chat API returns text only:
+  its ``TokenDelta.token_id`` is -1 and ``Reply.token_ids`` are the reply's text encoded again.
 - Eviction drops the same turns as locally; the server then prefills the kept window once (one prefix miss).
   It also keeps the number of images under the server's ``--limit-mm-per-prompt``.
 - A request that fails leaves the dialogue as it was and puts the turn's frames and question back: the next
