@@ -430,6 +430,10 @@ def _multi_dialogue(rng: np.random.Generator, scene: sc.Scene, clock: Clock) -> 
             q, a = Q_WHAT_SHAPE.format(colour=c), A_WHAT_SHAPE.format(colour=c, shape=o.shape)
         else:
             q, a = Q_HOW_MANY, a_count(len(visible))
+        if any(b.text == a for b in answers):
+            # the same question with the same answer again: the gold would hold a reply that the duplicate
+            # metric counts against any model that gives it (drawn anyway, so the other examples stay the same)
+            continue
         questions.append(Question(clock.turn_start(k), q, must_reply=True))
         answers.append(Answer(a, clock.turn_start(k), k, must_reply=True))
     questions.sort(key=lambda q: q.time_s)

@@ -166,3 +166,21 @@ def test_make_benchmark_cli(tmp_path):
     assert len(json.loads((out / "gold.json").read_text())) == 2
     bad = CliRunner().invoke(app, ["make-benchmark", str(tmp_path / "x"), "--examples", "0"])
     assert bad.exit_code == 2 and "--examples" in bad.output
+
+
+def test_an_oracle_replaying_the_gold_scores_no_duplicates():
+    """Gold answers said at their due turns are never counted as duplicates: a dialogue does not ask the same
+    thing twice while the first answer's span is open (it once did, two 'How many objects?' two seconds apart)."""
+    from edge_duet.eval.evaluator import evaluate
+    from edge_duet.eval.formats import Prediction, Reply, parse_gold
+
+    examples = bm.sample_examples(1234, 120, CLOCK)
+    gold = parse_gold([bm.gold_entry(ex, f"videos/{ex.question_id}.mp4") for ex in examples])
+    preds = []
+    for ex in examples:
+        turns = bm.turns(ex, CLOCK)
+        replies = sorted((turns[a.due_turn].time_s, a.text) for a in ex.answers)
+        preds.append(Prediction(ex.question_id, tuple(Reply(t, text) for t, text in replies)))
+    report = evaluate(gold, preds)
+    assert report.overall.n_duplicates == 0
+    assert report.overall.n_replies_in_span == report.overall.n_replies
