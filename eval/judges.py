@@ -86,9 +86,11 @@ class OverlapJudge:
     - 1 when recall >= ``partial_recall`` and, if G has key words, at least one of them is in R;
     - 0 otherwise.
 
-    A conflicting key word is one of a category G names (e.g. colour) that is not G's: "A blue circle" against
-    "A red circle" scores 1, and because replies accumulate, a wrong reply keeps capping the score after the right
-    one arrives, as the protocol intends.
+    A conflicting key word is one of a category the whole gold answer names (e.g. colour), question words
+    included, that is not the answer's: "A blue circle" against "A red circle" scores 1, and so does "A blue
+    circle appeared." against "A blue square appeared." for "Tell me when a square appears." (overlap-v1 missed
+    this case). Because replies accumulate, a wrong reply keeps capping the score after the right one arrives,
+    as the protocol intends.
 
     Duplicates: a reply repeats the earlier ones when its normalised text equals one of them, or every content word
     it has already occurred in them (it adds no information); a reply with no content words is new unless equal.
@@ -97,15 +99,14 @@ class OverlapJudge:
     full_recall: float = 0.75
     partial_recall: float = 0.34
     min_precision: float = 0.2
-    id: str = "overlap-v1"
+    id: str = "overlap-v2"
     cacheable: bool = False  # cheaper to recompute than to look up
     max_workers: int = 1
 
     def score(self, question: str, answer: str, replies: Sequence[str]) -> Judgement:
-        gold = content_tokens(answer)
+        full_gold = content_tokens(answer)
         asked = content_tokens(question)
-        if gold - asked:
-            gold = gold - asked
+        gold = full_gold - asked if full_gold - asked else full_gold
         said: set[str] = set()
         for r in replies:
             said |= content_tokens(r)
@@ -123,8 +124,10 @@ class OverlapJudge:
         precision = len(hit) / len(said)
         gold_keys = {t for t in gold if key_category(t)}
         missing = gold_keys - said
-        gold_categories = {key_category(t) for t in gold_keys}
-        conflicts = {t for t in said - gold if key_category(t) in gold_categories}
+        # conflicts are judged against the whole answer: "A blue circle appeared." is wrong about the shape when
+        # the answer is "A blue square appeared.", even though the question ("... a square appears") named it
+        all_keys = {t for t in full_gold if key_category(t)}
+        conflicts = {t for t in said - full_gold if key_category(t) in {key_category(k) for k in all_keys}}
         if recall >= self.full_recall and not missing and not conflicts and precision >= self.min_precision:
             score = 2
         elif recall >= self.partial_recall and (not gold_keys or gold_keys & said):

@@ -80,13 +80,13 @@ def test_table_and_json(tmp_path):
     result = run(gold, pred, "--subset", "tv", "--json", out)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("PAUC x100 (omega=0.5, judge overlap-v1)")
+    assert lines[0].startswith("PAUC x100 (omega=0.5, judge overlap-v2)")
     assert lines[1].split()[:3] == ["subset", "examples", "spans"]
     rows = {line.split()[0]: line.split() for line in lines[3:] if not line.startswith("-")}
     assert set(rows) == {"tv", "web", "overall"}  # "b" has no subset field: it takes --subset
     assert rows["overall"][1:5] == ["2", "3", "4", "3"]  # examples, spans, replies, in span
     data = json.loads(out.read_text())
-    assert data["omega"] == 0.5 and data["judge"] == "overlap-v1"
+    assert data["omega"] == 0.5 and data["judge"] == "overlap-v2"
     assert data["overall"]["pauc"] == pytest.approx(float(rows["overall"][5]), abs=0.05)
     # a: span 0 reply at 4 -> 3 at omega .5: (1*.5 + 3*2)/8; span 1 reply at 12 -> 11: (1*.5 + 2*2)/6
     # b: reply at 6 -> 5: (1*.5 + 3*2)/8

@@ -286,3 +286,14 @@ def test_cache_keys_include_the_judge():
         assert cache.get("judge-a", request) == Judgement(2, "2")
         assert cache.get("judge-b", request) is None
         assert len(cache) == 1
+
+
+def test_overlap_a_wrong_key_word_named_by_the_question_still_conflicts():
+    """The question's words earn nothing, but saying another shape than the answer's (which the question named)
+    is still wrong: overlap-v1 gave this reply a 2."""
+    judge = OverlapJudge()
+    q = "Tell me when a square appears."
+    assert judge.score(q, "A blue square appeared.", ["A blue square appeared."]).score == 2
+    assert judge.score(q, "A blue square appeared.", ["A blue appeared."]).score == 2  # the question said square
+    assert judge.score(q, "A blue square appeared.", ["A blue circle appeared."]).score == 1
+    assert judge.score(q, "A blue square appeared.", ["A red circle appeared."]).score == 0
