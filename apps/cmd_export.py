@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         max_context: Optional[int] = typer.Option(None, help="Default maximum context (tokens) stored in the bundle."),
         frame_interval: Optional[float] = typer.Option(None, help="Default seconds between frames."),
         frames_per_turn: Optional[int] = typer.Option(None, help="Default frames per user turn."),
+        name: Optional[str] = typer.Option(None, help="Model name in the manifest (default: the checkpoint folder's name)."),
     ):
         """Export a checkpoint to an ONNX bundle (vision, embedding, decoder + tokenizer + manifest), validated."""
         from edge_duet.export.onnx_export import ExportOptions, export_bundle
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
             checkpoint, bundle,
             ExportOptions(opset=opset, validate=validate, overwrite=overwrite, system_prompt=system_prompt,
                           max_context_tokens=max_context, frame_interval_s=frame_interval,
-                          frames_per_turn=frames_per_turn),
+                          frames_per_turn=frames_per_turn, name=name),
             log=lambda s: typer.echo(s, err=True),
         )
         typer.echo(report.summary())
