@@ -8,7 +8,8 @@ Input: a JSON list of examples::
          "time": 4.0, "must_reply": false}, ...]}
 
 Output: one JSON line per example, ``{"question_id", "model_response_list": [{"role", "content", "time"}, ...]}``
-holding the user texts and the replies that are not ``NO REPLY``.
+holding one user entry per input turn (its text, ``""`` for a turn that brought frames only) and the replies that
+are not ``NO REPLY``.
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ def run_example(session: Session, ex: Example) -> dict:
                 responses.append({"role": "assistant", "content": ev.text, "time": ev.t})
 
     for turn in ex.turns:
+        # one user entry per input turn (content "" when it brought frames only): the evaluator takes the turn
+        # times from them, e.g. for its reply-every-turn baseline
+        responses.append({"role": "user", "content": turn.text or "", "time": turn.time})
         if turn.text:
             session.ask(turn.text, must_reply=turn.must_reply, t=turn.time)
-            responses.append({"role": "user", "content": turn.text, "time": turn.time})
         if turn.images:
             session.add_frames([_read_image(p) for p in turn.images], t=turn.time)
         collect(session.step())

@@ -176,6 +176,9 @@ def test_infer_writes_responses(tmp_path, tiny_bundle):
     assert [x["question_id"] for x in lines] == ["a", "b"]
     resp = lines[0]["model_response_list"]
     assert {"role": "user", "content": "What do you see?", "time": 4.0} in resp
+    # one user entry per input turn, "" when it brought frames only (the evaluator takes turn times from them)
+    assert [r["time"] for r in resp if r["role"] == "user"] == [2.0, 4.0, 6.0, 8.0]
+    assert [r["content"] for r in resp if r["role"] == "user"] == ["", "What do you see?", "", ""]
     assert all(r["content"].strip() != "NO REPLY" for r in resp)
     times = [r["time"] for r in resp]
     assert times == sorted(times)
