@@ -1,7 +1,8 @@
 """The shipped demo bundle behaves like a proactive model on benchmark scenes it never saw.
 
-Thresholds are set for the model shipped now (docs/MODEL_CARD.md: an early, under-trained checkpoint that
-replies rarely and almost only when right); raise them when a better model is shipped.
+Thresholds are set below what the shipped model measures on this split (docs/MODEL_CARD.md; seed 77, 18 examples:
+PAUC 68.4, 34 replies for 36 answer spans, all inside a span, 0 duplicates; on the held-out splits PAUC 61.9-66.8),
+with room for a different CPU's float rounding, not for a different behaviour.
 """
 
 from __future__ import annotations
@@ -31,10 +32,23 @@ def test_demo_model_replies_inside_spans_and_is_silent_outside(tmp_path):
     pred = tmp_path / "pred.jsonl"
     res = runner.invoke(app, ["infer", str(tmp_path / "bench" / "infer_input.json"), "-o", str(pred)])
     assert res.exit_code == 0, res.output
-    report = evaluate(load_gold(tmp_path / "bench" / "gold.json"), load_predictions(pred))
+    gold = load_gold(tmp_path / "bench" / "gold.json")
+    preds = load_predictions(pred)
+    report = evaluate(gold, preds)
     o = report.overall
-    assert o.n_replies >= 2, "the demo model should answer some questions"
-    assert o.n_replies_in_span / o.n_replies >= 0.75, "it should reply inside answer spans, not at random"
-    assert o.pauc > 25.0, f"PAUC {o.pauc:.1f} is no better than staying silent (25.0)"
+    assert o.n_replies >= 0.75 * o.n_spans, f"{o.n_replies} replies for {o.n_spans} answer spans: it should answer"
+    assert o.n_replies_in_span / o.n_replies >= 0.9, "it should reply inside answer spans, not at random"
+    assert o.pauc >= 55.0, f"PAUC {o.pauc:.1f} (always silent: 25.0; shipped model on this split: 68.4)"
+    assert o.n_duplicates <= 1, f"{o.n_duplicates} duplicate replies"
+    # silent outside the spans: of the turns that end where no answer is due, at most 5 % get a reply
+    outside = replied_outside = 0
+    for ex, p in zip(gold, preds):
+        spans = [a.reply_timespan_s for a in ex.answers]
+        replied = {r.time_s for r in p.replies}
+        for t in p.turn_times_s:
+            if not any(lo <= t <= hi for lo, hi in spans):
+                outside += 1
+                replied_outside += t in replied
+    assert outside > 50 and replied_outside / outside <= 0.05, f"{replied_outside} of {outside} quiet turns answered"
     assert [json.loads(line)["question_id"] for line in pred.read_text().splitlines()] == \
-        [ex.question_id for ex in load_gold(tmp_path / "bench" / "gold.json")]
+        [ex.question_id for ex in gold]
