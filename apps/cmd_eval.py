@@ -31,7 +31,7 @@ def eval_command(
         False, "--baselines", help="Also score the always-silent and the reply-every-turn baselines."
     ),
     turn_interval: Optional[float] = typer.Option(
-        None, "--turn-interval", help="Seconds per turn, for --baselines when predictions hold no user entries."
+        None, "--turn-interval", help="Seconds per turn, for --baselines when predictions hold no user entries (edge-duet infer writes one per turn)."
     ),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache file (default ~/.cache/edge-duet/)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the judge cache."),
