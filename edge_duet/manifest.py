@@ -102,6 +102,24 @@ class TokenSpec:
     endoftext: int
     eos_ids: tuple[int, ...]
 
+    @classmethod
+    def from_tokenizer(cls, token_to_id, missing) -> "TokenSpec":
+        """Qwen2.5-VL's special token ids from a tokenizer's ``token_to_id`` (None for an unknown token);
+        ``missing(token)`` returns the exception to raise when one is absent."""
+
+        def tid(t: str) -> int:
+            i = token_to_id(t)
+            if i is None:
+                raise missing(t)
+            return i
+
+        im_end, endoftext = tid("<|im_end|>"), tid("<|endoftext|>")
+        return cls(
+            im_start=tid("<|im_start|>"), im_end=im_end, vision_start=tid("<|vision_start|>"),
+            vision_end=tid("<|vision_end|>"), image_pad=tid("<|image_pad|>"), video_pad=tid("<|video_pad|>"),
+            endoftext=endoftext, eos_ids=(im_end, endoftext),
+        )
+
 
 @dataclass(frozen=True)
 class PromptSpec:

@@ -160,18 +160,8 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
     )
     tok = Tokenizer.from_file(str(info.path / "tokenizer.json"))
 
-    def tid(t: str) -> int:
-        i = tok.token_to_id(t)
-        if i is None:
-            raise CheckpointError(f"tokenizer.json of {info.path} lacks the special token {t}")
-        return i
-
-    im_end, endoftext = tid("<|im_end|>"), tid("<|endoftext|>")
-    tokens = TokenSpec(
-        im_start=tid("<|im_start|>"), im_end=im_end, vision_start=tid("<|vision_start|>"),
-        vision_end=tid("<|vision_end|>"), image_pad=tid("<|image_pad|>"), video_pad=tid("<|video_pad|>"),
-        endoftext=endoftext, eos_ids=(im_end, endoftext),
-    )
+    tokens = TokenSpec.from_tokenizer(tok.token_to_id, lambda t: CheckpointError(
+        f"tokenizer.json of {info.path} lacks the special token {t}"))
     p = info.proactive
     prompt = PromptSpec(
         system_prompt=options.system_prompt or p.system_prompt, no_reply_text=p.no_reply_text,

@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from edge_duet.errors import BundleError, InputError, ServerError, UsageError
+from edge_duet.errors import BundleError, ServerError, UsageError
 from edge_duet.manifest import MANIFEST_NAME, Manifest, PreprocessSpec, PromptSpec, TokenSpec
 
 from .chat import ChatRenderer, ImagePiece, Piece
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
 from .preprocess import resize_frame
 from .remote_client import Client, ServerOptions
-from .session import SessionOptions
+from .session import QuestionInbox, SessionOptions
 
 __all__ = ["RemoteModel", "RemoteSession", "ServerOptions", "load_remote_model"]
 
@@ -88,18 +88,8 @@ def load_remote_model(path: str | Path) -> RemoteModel:
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
 
-    def tid(t: str) -> int:
-        i = tok.token_to_id(t)
-        if i is None:
-            raise BundleError(f"{path / 'tokenizer.json'} lacks the special token {t}: not a Qwen2.5-VL tokenizer")
-        return i
-
-    im_end, endoftext = tid("<|im_end|>"), tid("<|endoftext|>")
-    tokens = TokenSpec(
-        im_start=tid("<|im_start|>"), im_end=im_end, vision_start=tid("<|vision_start|>"),
-        vision_end=tid("<|vision_end|>"), image_pad=tid("<|image_pad|>"), video_pad=tid("<|video_pad|>"),
-        endoftext=endoftext, eos_ids=(im_end, endoftext),
-    )
+    tokens = TokenSpec.from_tokenizer(tok.token_to_id, lambda t: BundleError(
+        f"{path / 'tokenizer.json'} lacks the special token {t}: not a Qwen2.5-VL tokenizer"))
     pre, vision = read("preprocessor_config.json"), read("config.json").get("vision_config", {})
     size = pre.get("size") or {}
     preprocess = PreprocessSpec(  # the exporter's reading of the same file (export/onnx_export.py)
@@ -137,7 +127,7 @@ class _Frame:
     grid: tuple[int, int, int]  # (1, gh, gw) in patches
 
 
-class RemoteSession:
+class RemoteSession(QuestionInbox):
     """A proactive dialogue whose model runs on a remote engine. Single-threaded except :meth:`cancel`.
 
     ``model``: the served model's bundle or checkpoint directory (see :func:`load_remote_model`).
@@ -183,15 +173,6 @@ class RemoteSession:
         self._t = 0.0
         self._question: str | None = None
         self._must_reply = False
-
-    def ask(self, text: str, must_reply: bool = False, t: float | None = None) -> None:
-        if t is not None:
-            self._t = float(t)
-        text = text.strip()
-        if not text:
-            raise InputError("empty question: type some text")
-        self._question = text if self._question is None else self._question + "\n" + text
-        self._must_reply = self._must_reply or must_reply
 
     def add_frames(self, frames: Sequence, t: float, channels: str = "bgr") -> None:
         t0 = time.perf_counter()

@@ -120,7 +120,27 @@ def assemble(engine: Engine, chunks: Sequence[Chunk], start: int) -> tuple[np.nd
     return np.concatenate(embs), np.concatenate(poss, axis=1), pos
 
 
-class Session:
+class QuestionInbox:
+    """The next turn's question, shared by the local :class:`Session` and the remote session: ``ask`` collects
+    text until ``step`` takes it (``_question``, ``_must_reply``, ``_t``)."""
+
+    _question: str | None = None
+    _must_reply: bool = False
+    _t: float = 0.0
+
+    def ask(self, text: str, must_reply: bool = False, t: float | None = None) -> None:
+        """Attach ``text`` (a question or subtitle) to the next turn; several calls join with a newline.
+        ``t``: the turn's video time, for a turn that brings no frames."""
+        if t is not None:
+            self._t = float(t)
+        text = text.strip()
+        if not text:
+            raise InputError("empty question: type some text")
+        self._question = text if self._question is None else self._question + "\n" + text
+        self._must_reply = self._must_reply or must_reply
+
+
+class Session(QuestionInbox):
     """A proactive dialogue over a bundle. Single-threaded except :meth:`cancel`. See docs/CONTRACTS.md."""
 
     def __init__(self, bundle: str | Path, options: SessionOptions = SessionOptions(), engine: Engine | None = None):
@@ -161,17 +181,6 @@ class Session:
         system = Segment(-1, "system", self._text_chunks(self.renderer.system(self.system_prompt)))
         self.segments.append(system)
         self._pending.ids = list(system.chunks[0].ids)
-
-    def ask(self, text: str, must_reply: bool = False, t: float | None = None) -> None:
-        """Attach ``text`` (a question or subtitle) to the next turn; several calls join with a newline.
-        ``t``: the turn's video time, for a turn that brings no frames."""
-        if t is not None:
-            self._t = float(t)
-        text = text.strip()
-        if not text:
-            raise InputError("empty question: type some text")
-        self._question = text if self._question is None else self._question + "\n" + text
-        self._must_reply = self._must_reply or must_reply
 
     def add_frames(self, frames: Sequence, t: float, channels: str = "bgr") -> None:
         """Queue frames for the next turn. ``frames``: HxWx3 uint8 arrays (``channels`` "bgr" from OpenCV or
