@@ -43,7 +43,7 @@ from .chat import ChatRenderer, ImagePiece, Piece
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
 from .preprocess import resize_frame
 from .remote_client import Client, ServerOptions
-from .session import QuestionInbox, SessionOptions
+from .session import QuestionInbox, SessionOptions, plan_eviction
 
 __all__ = ["RemoteModel", "RemoteSession", "ServerOptions", "load_remote_model"]
 
@@ -386,22 +386,8 @@ class RemoteSession(QuestionInbox):
         before = self.context_tokens
         system, rest = self.messages[0], self.messages[1:]
         budget = self.max_context_tokens // 2 - system.num_tokens
-        kept: list[_Message] = []
-        used = images = 0
-        i = len(rest)
-        while i >= 2:
-            pair = rest[i - 2:i]
-            n = sum(m.num_tokens for m in pair)
-            k = sum(len(m.images) for m in pair)
-            if used + n > budget or images + k > self.max_images // 2:
-                break
-            kept[:0] = pair
-            used += n
-            images += k
-            i -= 2
-        dropped = rest[:i]
-        q_at = next((j for j in range(len(dropped) - 1, -1, -1)
-                     if dropped[j].role == "user" and dropped[j].question), None)
+        i, q_at = plan_eviction(rest, budget, max_images=self.max_images // 2)
+        kept, dropped = list(rest[i:]), rest[:i]
         if q_at is not None:
             q = dropped[q_at]
             kept[:0] = [self._user_message(q.turn, [], q.question), *dropped[q_at + 1:q_at + 2]]

@@ -120,6 +120,27 @@ def assemble(engine: Engine, chunks: Sequence[Chunk], start: int) -> tuple[np.nd
     return np.concatenate(embs), np.concatenate(poss, axis=1), pos
 
 
+def plan_eviction(rest: Sequence, budget: int, max_images: int | None = None) -> tuple[int, int | None]:
+    """The context policy both sessions follow. ``rest``: the dialogue after the system prompt, alternating user and
+    assistant items (each with ``num_tokens``, ``role``, ``question``; with ``max_images``, ``images`` too).
+    Keeps whole (user, assistant) pairs, newest first, within ``budget`` tokens (and ``max_images`` images).
+    Returns ``(i, q_at)``: ``rest[i:]`` is kept; ``q_at`` is the index in ``rest[:i]`` of the newest dropped user
+    item with a question, which the caller keeps as text with the answer after it (None when there is none)."""
+    used = images = 0
+    i = len(rest)
+    while i >= 2:
+        pair = rest[i - 2:i]
+        n = sum(item.num_tokens for item in pair)
+        k = sum(len(item.images) for item in pair) if max_images is not None else 0
+        if used + n > budget or (max_images is not None and images + k > max_images):
+            break
+        used += n
+        images += k
+        i -= 2
+    q_at = next((j for j in range(i - 1, -1, -1) if rest[j].role == "user" and rest[j].question), None)
+    return i, q_at
+
+
 class QuestionInbox:
     """The next turn's question, shared by the local :class:`Session` and the remote session: ``ask`` collects
     text until ``step`` takes it (``_question``, ``_must_reply``, ``_t``)."""
@@ -424,22 +445,9 @@ class Session(QuestionInbox):
         before = self.context_tokens
         system, rest = self.segments[0], self.segments[1:]
         budget = self.max_context_tokens // 2 - system.num_tokens
-        kept: list[Segment] = []
-        used = 0
-        i = len(rest)
-        while i >= 2:  # whole (user, assistant) pairs, newest first
-            pair = rest[i - 2:i]
-            n = sum(s.num_tokens for s in pair)
-            if used + n > budget:
-                break
-            kept[:0] = pair
-            used += n
-            i -= 2
-        dropped = rest[:i]
-        # The newest question whose turn fell out stays, as text (its frames go), with the answer that followed.
-        q_at = next((j for j in range(len(dropped) - 1, -1, -1)
-                     if dropped[j].role == "user" and dropped[j].question), None)
-        if q_at is not None:
+        i, q_at = plan_eviction(rest, budget)
+        kept, dropped = list(rest[i:]), rest[:i]
+        if q_at is not None:  # the newest dropped question stays as text (its frames go), with its answer
             q = dropped[q_at]
             kept[:0] = [Segment(q.turn, "user", self._text_chunks(self.renderer.user([], q.question)), q.question),
                         *dropped[q_at + 1:q_at + 2]]
