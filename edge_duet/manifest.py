@@ -90,6 +90,22 @@ class PreprocessSpec:
     resample: str = "bicubic"
     rescale_factor: float = 1 / 255
 
+    @classmethod
+    def from_preprocessor_config(cls, pre: dict, patch_size: int, merge_size: int,
+                                 temporal_patch_size: int) -> "PreprocessSpec":
+        """A checkpoint's ``preprocessor_config.json`` (``pre``), old (min/max_pixels) or new (size) style; the
+        vision config's patch, merge and temporal patch sizes fill in what it leaves out."""
+        size = pre.get("size") or {}
+        return cls(
+            min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge", 56 * 56)),
+            max_pixels=int(pre.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280)),
+            patch_size=int(pre.get("patch_size", patch_size)), merge_size=int(pre.get("merge_size", merge_size)),
+            temporal_patch_size=int(pre.get("temporal_patch_size", temporal_patch_size)),
+            image_mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+            image_std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+        )
+
 
 @dataclass(frozen=True)
 class TokenSpec:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_duet.errors import CheckpointError
+from edge_duet.manifest import PromptSpec
 
 from .tokenizer import DEFAULT_SYSTEM_PROMPT, build_tokenizer, write_tokenizer_files
 
@@ -132,6 +133,28 @@ class ProactiveDefaults:
     no_reply_text: str = "NO REPLY"
     must_reply_prefix: str = "I must reply.\n"
     extra: dict = field(default_factory=dict)
+
+    def prompt(self, system_prompt: str | None = None, frame_interval_s: float | None = None,
+               frames_per_turn: int | None = None, max_context_tokens: int | None = None) -> PromptSpec:
+        """The bundle's proactive protocol: these settings, each overridden where a value is given."""
+        return PromptSpec(
+            system_prompt=system_prompt or self.system_prompt, no_reply_text=self.no_reply_text,
+            must_reply_prefix=self.must_reply_prefix, frame_interval_s=frame_interval_s or self.frame_interval_s,
+            frames_per_turn=frames_per_turn or self.frames_per_turn,
+            max_context_tokens=max_context_tokens or self.max_context_tokens,
+        )
+
+
+def read_proactive(path: Path) -> ProactiveDefaults:
+    """A checkpoint directory's ``proactive.json`` (unknown keys ignored), or the defaults where it has none."""
+    f = path / "proactive.json"
+    if not f.is_file():
+        return ProactiveDefaults()
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{f} is unreadable or not JSON ({exc})") from exc
+    return ProactiveDefaults(**{k: v for k, v in data.items() if k in ProactiveDefaults.__dataclass_fields__})
 
 
 def hf_config_dict(shape: CheckpointShape, vocab_size: int, token_ids: dict[str, int]) -> dict[str, Any]:
@@ -328,10 +351,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         if not f.is_file():
             raise CheckpointError(f"weight file {f} is missing: copy the complete model directory")
         _check_safetensors_header(f)
-    proactive = ProactiveDefaults()
-    if (path / "proactive.json").is_file():
-        data = json.loads((path / "proactive.json").read_text())
-        proactive = ProactiveDefaults(**{k: v for k, v in data.items() if k in ProactiveDefaults.__dataclass_fields__})
+    proactive = read_proactive(path)
     pre = json.loads((path / "preprocessor_config.json").read_text())
     return CheckpointInfo(path=path, config=config, weight_files=files, proactive=proactive, preprocessor=pre)
 

@@ -19,7 +19,7 @@ from typing import Callable
 from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import CheckpointError
 from edge_duet.manifest import (
-    GraphSpec, Manifest, PreprocessSpec, PromptSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
+    GraphSpec, Manifest, PreprocessSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
 )
 
 from .checkpoint import CheckpointInfo, load_model
@@ -147,28 +147,15 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
         patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
         window_size=vc.window_size, fullatt_block_indexes=tuple(vc.fullatt_block_indexes), in_channels=vc.in_channels,
     )
-    pre = info.preprocessor
-    size = pre.get("size") or {}
-    preprocess = PreprocessSpec(
-        min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge", 56 * 56)),
-        max_pixels=int(pre.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280)),
-        patch_size=int(pre.get("patch_size", vc.patch_size)), merge_size=int(pre.get("merge_size", vc.spatial_merge_size)),
-        temporal_patch_size=int(pre.get("temporal_patch_size", vc.temporal_patch_size)),
-        image_mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-        image_std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-        rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
-    )
+    preprocess = PreprocessSpec.from_preprocessor_config(info.preprocessor, vc.patch_size, vc.spatial_merge_size,
+                                                         vc.temporal_patch_size)
     tok = Tokenizer.from_file(str(info.path / "tokenizer.json"))
 
     tokens = TokenSpec.from_tokenizer(tok.token_to_id, lambda t: CheckpointError(
         f"tokenizer.json of {info.path} lacks the special token {t}"))
-    p = info.proactive
-    prompt = PromptSpec(
-        system_prompt=options.system_prompt or p.system_prompt, no_reply_text=p.no_reply_text,
-        must_reply_prefix=p.must_reply_prefix, frame_interval_s=options.frame_interval_s or p.frame_interval_s,
-        frames_per_turn=options.frames_per_turn or p.frames_per_turn,
-        max_context_tokens=options.max_context_tokens or p.max_context_tokens,
-    )
+    prompt = info.proactive.prompt(system_prompt=options.system_prompt, frame_interval_s=options.frame_interval_s,
+                                   frames_per_turn=options.frames_per_turn,
+                                   max_context_tokens=options.max_context_tokens)
     return Manifest(
         name=options.name or info.path.name, text=text, vision=vision, preprocess=preprocess, tokens=tokens,
         prompt=prompt, graphs={},

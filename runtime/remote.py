@@ -78,7 +78,7 @@ def load_remote_model(path: str | Path) -> RemoteModel:
         )
     from tokenizers import Tokenizer
 
-    from edge_duet.export.tokenizer import DEFAULT_SYSTEM_PROMPT
+    from edge_duet.export.checkpoint import read_proactive
 
     def read(name: str) -> dict:
         try:
@@ -90,21 +90,11 @@ def load_remote_model(path: str | Path) -> RemoteModel:
 
     tokens = TokenSpec.from_tokenizer(tok.token_to_id, lambda t: BundleError(
         f"{path / 'tokenizer.json'} lacks the special token {t}: not a Qwen2.5-VL tokenizer"))
-    pre, vision = read("preprocessor_config.json"), read("config.json").get("vision_config", {})
-    size = pre.get("size") or {}
-    preprocess = PreprocessSpec(  # the exporter's reading of the same file (export/onnx_export.py)
-        min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge", 56 * 56)),
-        max_pixels=int(pre.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280)),
-        patch_size=int(pre.get("patch_size", vision.get("patch_size", 14))),
-        merge_size=int(pre.get("merge_size", vision.get("spatial_merge_size", 2))),
-        temporal_patch_size=int(pre.get("temporal_patch_size", vision.get("temporal_patch_size", 2))),
-        image_mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-        image_std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-    )
-    fields = PromptSpec.__dataclass_fields__
-    proactive = {k: v for k, v in read("proactive.json").items() if k in fields}
-    prompt = PromptSpec(**{"system_prompt": DEFAULT_SYSTEM_PROMPT, **proactive})
-    return RemoteModel(path.name, tokens, preprocess, prompt, path / "tokenizer.json")
+    vision = read("config.json").get("vision_config", {})
+    preprocess = PreprocessSpec.from_preprocessor_config(  # as the exporter reads it
+        read("preprocessor_config.json"), vision.get("patch_size", 14), vision.get("spatial_merge_size", 2),
+        vision.get("temporal_patch_size", 2))
+    return RemoteModel(path.name, tokens, preprocess, read_proactive(path).prompt(), path / "tokenizer.json")
 
 
 @dataclass

@@ -128,3 +128,15 @@ def test_a_stalled_server_times_out():
         assert time.monotonic() - t0 < 5
     finally:
         listener.close()
+
+
+def test_the_served_models_files_read_as_the_exporter_reads_them(tiny_checkpoint, tiny_bundle):
+    """--model may name the checkpoint folder instead of a bundle: tokens, pixel budget and prompt come out as in
+    the manifest the exporter wrote from the same folder."""
+    from edge_duet.manifest import Manifest
+    from edge_duet.runtime.remote import load_remote_model
+
+    from_ckpt, from_bundle = load_remote_model(tiny_checkpoint), load_remote_model(tiny_bundle)
+    m = Manifest.load(tiny_bundle)
+    for model in (from_ckpt, from_bundle):
+        assert (model.tokens, model.preprocess, model.prompt) == (m.tokens, m.preprocess, m.prompt)
