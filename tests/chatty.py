@@ -45,6 +45,19 @@ def random_frames(rng: np.random.Generator, n: int, sizes=((56, 84), (84, 56), (
     return out
 
 
+def dialogue_script(seed: int, turns: int) -> list[tuple[list[np.ndarray], str | None, bool, float]]:
+    """A dialogue to play turn by turn: (2 frames of several sizes, question or None, must_reply, time) per turn;
+    questions in some turns, must-reply in a few."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(turns):
+        q = None
+        if k % 5 == 2:
+            q = "What is in the picture?" if k % 10 == 2 else "Tell me when it changes."
+        out.append((random_frames(rng, 2), q, q is not None and k % 3 == 0, 2.0 * (k + 1)))
+    return out
+
+
 def make_chatty_checkpoint(out: Path, shape: str = "tiny-mha", seed: int = 0, p_no: float = 0.65,
                            p_reply: float = 0.75, p_end: float = 0.75, samples: int = 5, turns: int = 12) -> Path:
     ckpt = make_checkpoint(out, shape, seed=seed, init_std=0.1)

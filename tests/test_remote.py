@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch", reason="building the test checkpoint needs the export extra (torch)")
 
-from chatty import make_chatty_checkpoint, random_frames  # noqa: E402
+from chatty import dialogue_script, make_chatty_checkpoint, random_frames  # noqa: E402
 from test_run_cli import make_video  # noqa: E402
 from vllm_server import Relay, require_vllm, start_vllm  # noqa: E402
 
@@ -46,18 +46,6 @@ def served(tmp_path_factory):
     server.stop()
 
 
-def script(seed: int, turns: int):
-    """2 frames per turn of several sizes; questions in some turns, must-reply in a few."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(turns):
-        q = None
-        if k % 5 == 2:
-            q = "What is in the picture?" if k % 10 == 2 else "Tell me when it changes."
-        out.append((random_frames(rng, 2), q, q is not None and k % 3 == 0, 2.0 * (k + 1)))
-    return out
-
-
 def feed(session, turn) -> None:
     frames, q, must, t = turn
     if q:
@@ -76,25 +64,15 @@ def play(session, dialogue, on_turn=None):
     return events
 
 
-def outcome(events):
-    """{turn: reply token ids, or None for a silence}: what the dialogue finally said (a late reply replaces a
-    provisional local silence)."""
+def outcome(events, field: str = "token_ids"):
+    """{turn: the reply's token ids (or ``field``), or None for a silence}: what the dialogue finally said (a late
+    reply replaces a provisional local silence)."""
     out = {}
     for e in events:
         if isinstance(e, Silence):
             out.setdefault(e.turn, None)
         elif isinstance(e, Reply):
-            out[e.turn] = e.token_ids
-    return out
-
-
-def final_texts(events) -> dict:
-    out = {}
-    for e in events:
-        if isinstance(e, Silence):
-            out.setdefault(e.turn, None)
-        elif isinstance(e, Reply):
-            out[e.turn] = e.text
+            out[e.turn] = getattr(e, field)
     return out
 
 
@@ -129,7 +107,7 @@ def test_server_options_normalise_the_url_and_reject_bad_values():
 
 def test_token_api_equals_local_runtime_and_hits_the_prefix_cache_every_turn(served):
     ckpt, bundle, server = served
-    dialogue = script(seed=3, turns=24)
+    dialogue = dialogue_script(seed=3, turns=24)
     local = Session(bundle, SessionOptions(max_new_tokens=MAX_NEW))
     local_events = play(local, dialogue)
 
@@ -161,7 +139,7 @@ def test_token_api_equals_local_runtime_and_hits_the_prefix_cache_every_turn(ser
 
 def test_eviction_keeps_the_same_turns_as_the_local_runtime(served):
     ckpt, bundle, server = served
-    dialogue = script(seed=5, turns=16)
+    dialogue = dialogue_script(seed=5, turns=16)
     opts = SessionOptions(max_new_tokens=MAX_NEW, max_context_tokens=400)
     local_events = play(Session(bundle, opts), dialogue)
     with RemoteSession(ckpt, remote(server.url), opts) as rs:
@@ -177,14 +155,14 @@ def test_chat_api_runs_the_protocol(served):
     """Chat completions: the server renders the template. The first turn's answer equals the local one (same
     prompt); later turns may not (random-weight replies are not clean text: see runtime/remote.py)."""
     ckpt, bundle, server = served
-    dialogue = script(seed=7, turns=8)
+    dialogue = dialogue_script(seed=7, turns=8)
     dialogue[3] = (dialogue[3][0], "Answer now.", True, dialogue[3][3])  # a must-reply turn: prefix continued
     local_events = play(Session(bundle, SessionOptions(max_new_tokens=MAX_NEW)), dialogue[:1])
     usage = []
     with RemoteSession(ckpt, remote(server.url, api="chat"), SessionOptions(max_new_tokens=MAX_NEW)) as rs:
         events = play(rs, dialogue, on_turn=lambda k, s: usage.append(dict(s.last_usage)))
     # vLLM's detokenizer holds back a last incomplete UTF-8 character that the local decode shows as U+FFFD
-    got, want = final_texts(events)[0], final_texts(local_events)[0]
+    got, want = outcome(events, "text")[0], outcome(local_events, "text")[0]
     assert (got or "").rstrip("\ufffd") == (want or "").rstrip("\ufffd") and (got is None) == (want is None)
     assert sorted({e.turn for e in events if isinstance(e, (Reply, Silence))}) == list(range(8))
     assert sum(isinstance(e, TurnStats) for e in events) == 8
@@ -201,7 +179,7 @@ def test_server_down_mid_run_loses_nothing(served):
     """The relay goes down between turns: the turn fails with ServerUnavailable after the retries, the
     dialogue is unchanged, and once the server is back the same step goes on; the whole run equals the local."""
     ckpt, bundle, server = served
-    dialogue = script(seed=11, turns=8)
+    dialogue = dialogue_script(seed=11, turns=8)
     want = outcome(play(Session(bundle, SessionOptions(max_new_tokens=MAX_NEW)), dialogue))
     relay = Relay(server.port)
     rs = RemoteSession(ckpt, remote(relay.url, retries=2, backoff_s=0.05), SessionOptions(max_new_tokens=MAX_NEW))
@@ -224,7 +202,7 @@ def test_server_down_mid_run_loses_nothing(served):
 
 def test_slow_server_times_out_then_recovers(served):
     ckpt, bundle, server = served
-    dialogue = script(seed=13, turns=4)
+    dialogue = dialogue_script(seed=13, turns=4)
     want = outcome(play(Session(bundle, SessionOptions(max_new_tokens=MAX_NEW)), dialogue))
     relay = Relay(server.port)
     rs = RemoteSession(ckpt, remote(relay.url, read_timeout_s=0.5, retries=0),
@@ -362,7 +340,7 @@ def test_cancel_ends_the_reply_where_it_is_as_locally(served):
     """cancel() on the first streamed text closes the stream; the dialogue goes on exactly as a local session
     cancelled at the same token."""
     ckpt, bundle, server = served
-    dialogue = script(seed=23, turns=5)
+    dialogue = dialogue_script(seed=23, turns=5)
     dialogue[0] = (dialogue[0][0], "Describe it.", True, dialogue[0][3])  # must reply: text streams at once
 
     def run(session):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from chatty import make_chatty_checkpoint, random_frames  # noqa: E402
+from chatty import dialogue_script, make_chatty_checkpoint  # noqa: E402
 
 from edge_duet.export.checkpoint import load_model  # noqa: E402
 from edge_duet.export.onnx_export import ExportOptions, export_bundle  # noqa: E402
@@ -38,15 +37,7 @@ def chatty(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def script(seed: int, turns: int = TURNS):
-    """A dialogue: 2 frames per turn of several sizes, questions in some turns, must-reply in a few."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(turns):
-        q = None
-        if k % 5 == 2:
-            q = "What is in the picture?" if k % 10 == 2 else "Tell me when it changes."
-        out.append((random_frames(rng, 2), q, q is not None and k % 3 == 0, 2.0 * (k + 1)))
-    return out
+    return dialogue_script(seed, turns)
 
 
 def run_session(bundle: Path, dialogue, **opts):
