@@ -84,11 +84,14 @@ def bench_command(
     """Measure vision, prefill, silent-turn, reply and memory cost per turn, edge-duet against the transformers
     loop on the same checkpoint, and decode speed against the memory-bandwidth limit. Prints a table, writes JSON.
     Numbers on a shared machine are noisy: compare the ratios, which are measured side by side."""
+    from edge_duet.apps.outputs import check_file
     from edge_duet.errors import UsageError
     from edge_duet.manifest import Manifest
     from edge_duet.runtime.bench import BenchOptions, Job, run_bench
 
     remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
+    check_file(json_out, "--json", "bench.json")
+    check_file(plot, "--plot", "turns.png")
     if remote is not None:
         return _bench_streams(target, remote, streams, turns, frame_size, reply_tokens, max_context, quick, json_out)
     if plot is not None:  # fail before measuring, not after
@@ -138,8 +141,7 @@ def bench_command(
     report = run_bench(jobs, opts, target_info, lockstep=not sequential, log=eprint)
     report["speedups"] = speedups(report["summaries"], report["jobs"])
     typer.echo(format_report(report))
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    _write_json(json_out, report)
     typer.echo(f"wrote {json_out}")
     if plot is not None:
         typer.echo(f"wrote {plot_turns(report, plot)}")
@@ -162,11 +164,17 @@ def _bench_streams(target: Optional[Path], remote, streams: str, turns: Optional
     typer.echo(format_streams(rows, f"{remote.served_model} on {remote.api_url} ({remote.api} API, "
                                     f"{remote.image_format} frames {w}x{h}, {options.turns} turns per stream)"))
     data = report(rows, options, remote, model)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(data, indent=1) + "\n")
+    _write_json(json_out, data)
     typer.echo(f"wrote {json_out}")
     if data["errors"]:
         raise typer.Exit(1)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from edge_duet.apps.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def speedups(summaries: list[dict], jobs: list[dict]) -> dict:
@@ -349,8 +357,10 @@ def plot_turns(report: dict, path: str | Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    from edge_duet.apps.outputs import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -24,9 +24,11 @@ def register(app: typer.Typer) -> None:
         proactive dialogues in ProactiveVideoQA's format. Writes videos/*.mp4, frames/<id>/*.png, gold.json
         (for `edge-duet eval`), infer_input.json (for `edge-duet infer`; paths relative to OUT_DIR) and
         scenes.json (every object's timeline)."""
+        from edge_duet.apps.outputs import check_dir
         from edge_duet.errors import UsageError
         from edge_duet.eval.benchmark import Clock, write_benchmark
 
+        check_dir(out_dir, "OUT_DIR")
         if size < 56 or size % 2:
             raise UsageError(f"--size must be an even number of pixels >= 56, got {size}")
         out = write_benchmark(out_dir, seed, examples, Clock(frame_interval, frames_per_turn), size=size,

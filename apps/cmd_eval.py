@@ -41,6 +41,7 @@ def eval_command(
     """Score replies with PAUC (ProactiveVideoQA): per subset and overall, with duplicate % and reply counts."""
     import json
 
+    from edge_duet.apps.outputs import atomic_path, check_dir, check_file
     from edge_duet.eval.evaluator import evaluate, every_turn_predictions, silent_predictions
     from edge_duet.eval.formats import load_gold, load_predictions
     from edge_duet.eval.judge_cache import JudgeCache, default_cache_path
@@ -49,6 +50,8 @@ def eval_command(
     from edge_duet.eval.report import format_table, warnings
 
     check_omega(omega)
+    check_file(json_out, "--json", "report.json")
+    check_dir(plots, "--plots")
     if plots is not None:  # fail before judging, not after
         from edge_duet.errors import require
 
@@ -82,8 +85,8 @@ def eval_command(
         data = report.to_dict()
         if extra:
             data["baselines"] = {name: b.to_dict(details=False) for name, b in extra.items()}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
         eprint(f"report written to {json_out}")
     if plots is not None:
         from edge_duet.eval.plots import plot_report

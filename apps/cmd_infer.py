@@ -34,20 +34,20 @@ def register(app: typer.Typer) -> None:
         """Run a bundle over frame-input examples and write the replies (JSONL, as `edge-duet eval` reads them)."""
         from tqdm import tqdm
 
+        from edge_duet.apps.outputs import atomic_path, check_file
         from edge_duet.runtime.infer import load_examples, run_example
         from edge_duet.runtime.session import SessionOptions
 
         remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
+        check_file(output, "-o", "pred.jsonl")
         examples = load_examples(input_json)
         session = ro.open_session(model, remote, SessionOptions(
             system_prompt=system_prompt, max_new_tokens=max_new_tokens, max_context_tokens=max_context,
             token_drop_threshold=token_drop, providers=tuple(providers.split(",")) if providers else None))
-        output.parent.mkdir(parents=True, exist_ok=True)
         replies = 0
-        with open(output, "w") as f:
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for ex in tqdm(examples, desc="infer", unit="example", disable=None):
                 record = run_example(session, ex)
                 replies += sum(r["role"] == "assistant" for r in record["model_response_list"])
                 f.write(json.dumps(record) + "\n")
-                f.flush()
         typer.echo(f"wrote {len(examples)} examples ({replies} replies) to {output}")

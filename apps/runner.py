@@ -21,7 +21,7 @@ are left out) and the runner's own records::
     {"event": "source", "status": lost|retry|reconnected|corrupt|eof|error, "message", "t"}
     {"event": "command", "name": "reset", "t"}
     {"event": "end", "reason": eof|quit|interrupt|error, "exit_code", "turns", "replies", "dropped_frames",
-     "missed_samples", "corrupt_frames", "reconnects", "max_lag_s"}                       last line
+     "missed_samples", "corrupt_frames", "reconnects", "max_lag_s", "speech_failures"}    last line
 """
 
 from __future__ import annotations
@@ -114,9 +114,14 @@ class EventLog:
     def __init__(self, path: Path | None):
         self._lock = threading.Lock()
         self._f = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "w", encoding="utf-8")
+        if path is not None:  # checked before the model loaded (apps/outputs.py); this is the rare race
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(path, "w", encoding="utf-8")
+            except OSError as exc:
+                from edge_duet.errors import OutputError
+
+                raise OutputError(f"--events {path}: cannot write it ({exc.strerror or exc})") from None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
@@ -496,6 +501,7 @@ class Runner:
             "turns": self.turns, "replies": self.replies, "dropped_frames": self.sampler.dropped_frames,
             "missed_samples": self.sampler.missed_samples, "corrupt_frames": self.capture.corrupt_frames,
             "reconnects": self.capture.reconnects, "max_lag_s": round(max(self.lags_s, default=0.0), 4),
+            "speech_failures": self.speaker.failed if self.speaker is not None else 0,
         })
 
 

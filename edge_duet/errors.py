@@ -18,6 +18,11 @@ class UsageError(EdgeDuetError):
     exit_code = 2
 
 
+class OutputError(UsageError):
+    """An output path that cannot be written: a folder where a file belongs, a file in the way, no permission.
+    Checked before any work starts (``apps/outputs.py``), so it shares the usage exit code."""
+
+
 class CheckpointError(EdgeDuetError):
     """A checkpoint directory that is missing, of the wrong architecture, or corrupt."""
 

@@ -46,6 +46,11 @@ def load_examples(path: str | Path) -> list[Example]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"input file {path} does not exist") from None
+    except IsADirectoryError:
+        hint = " (make-benchmark writes infer_input.json into it)" if (path / "infer_input.json").is_file() else ""
+        raise InputError(f"{path} is a folder; give the examples' JSON file{hint}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):

@@ -13,10 +13,16 @@ makes the speaker lag further and further behind the picture). Engines are separ
 
 Without an audio device (no playback device and no sound server, as on a headless board) the speaker says so
 once and writes each reply as a WAV file to ``audio_dir`` instead.
+
+Failures never stop the run and never escape the speech thread; each kind is reported once (``on_message``):
+a reply the engine cannot say is skipped and the next one is tried; a WAV that cannot be written (the folder
+gone, the disk full) or any unexpected fault turns speech off for the rest of the run. ``failed`` counts them.
+A WAV appears in ``audio_dir`` whole or not at all: it is synthesised in a private folder and moved there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -237,18 +243,25 @@ class Speaker:
                 self._current = item
             try:
                 self._speak(item)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it must not end in a thread traceback
+                self._turn_off(f"{type(exc).__name__}: {exc}")
             finally:
                 with self._cond:
                     self._current = None
                     self._proc = None
                     self._cond.notify_all()
 
+    def _turn_off(self, why: str) -> None:
+        """Speech stops for the rest of the run; the replies stay on screen (and in --events)."""
+        self.failed += 1
+        with self._cond:
+            self._closing = True
+            self._pending = None
+            self._cond.notify_all()
+        self._say_message(f"speech turned off: {why}; replies stay on screen")
+
     def _speak(self, item: _Utterance) -> None:
-        if self.audio_dir is not None:
-            self.audio_dir.mkdir(parents=True, exist_ok=True)
-            wav = self.audio_dir / f"turn{item.turn:05d}_t{item.t:07.1f}s.wav"
-        else:
-            wav = Path(self._tmp.name) / "reply.wav"
+        wav = Path(self._tmp.name) / "reply.wav"
         try:
             synthesize(item.text, wav, self.options)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
@@ -257,7 +270,17 @@ class Speaker:
                 self._say_message(f"speech: {exc}; replies stay on screen")
             return
         if self.audio_dir is not None:
-            self.files.append(wav)
+            kept = self.audio_dir / f"turn{item.turn:05d}_t{item.t:07.1f}s.wav"
+            try:
+                self.audio_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(wav, kept.with_name(kept.name + ".part"))
+                os.replace(kept.with_name(kept.name + ".part"), kept)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    kept.with_name(kept.name + ".part").unlink()
+                self._turn_off(f"cannot write {kept}: {exc.strerror or exc}")
+                return
+            self.files.append(kept)
         if self.player is None:
             self._tell_no_device()
             self.spoken += 1
