@@ -16,6 +16,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), or ``edge_duet.__version__`` from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("edge-duet")
+    except PackageNotFoundError:
+        import edge_duet
+
+        return getattr(edge_duet, "__version__", "unknown")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-duet {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True,
+    ),
+) -> None:
+    """Proactive video assistants on edge devices: export, quantize, run, serve, evaluate, benchmark."""
+
 COMMAND_MODULES = (
     "edge_duet.apps.cmd_export",  # make-checkpoint, export
     "edge_duet.apps.cmd_infer",  # infer

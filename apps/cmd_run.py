@@ -25,7 +25,8 @@ def run_command(
         rich_help_panel="Source",
     ),
     demo: bool = typer.Option(
-        False, "--demo", help="No camera needed: play a generated demo scene in real time through the demo model.",
+        False, "--demo", help="No camera needed: play a generated demo scene in real time through the demo model "
+                               "(--fast: as fast as the model goes).",
         rich_help_panel="Source",
     ),
     model: Optional[Path] = typer.Option(None, "--model", help="Model bundle directory (default: the bundled demo model)."),
@@ -63,7 +64,7 @@ def run_command(
         min=0.0, max=1.0, rich_help_panel="Model",
     ),
     providers: Optional[str] = typer.Option(
-        None, "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. CUDAExecutionProvider,CPUExecutionProvider).",
+        None, "--providers", help="cpu, cuda or tensorrt, comma-separated in order of preference (e.g. cuda,cpu; default: the best available).",
         rich_help_panel="Model",
     ),
     server: Optional[str] = ro.SERVER,
@@ -81,6 +82,7 @@ def run_command(
     Ctrl-C stops the current reply; a second Ctrl-C exits (code 130).
     """
     from edge_duet.apps.common import resolve_model
+    from edge_duet.apps.outputs import check_dir, check_file
     from edge_duet.errors import UsageError
     from edge_duet.runtime.capture import SourceSpec, open_source
 
@@ -97,6 +99,8 @@ def run_command(
     if sources and not realtime and sources[0][0] != "file":
         raise UsageError("--fast plays files only; a camera or stream runs on the wall clock.")
     remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
+    check_file(events, "--events", "events.jsonl")
+    check_dir(audio_dir, "--audio-dir")
     # before rendering the demo scene: a missing model fails at once
     bundle = resolve_model(model) if remote is None else ro.require_model(model)
     questions = list(ask)
@@ -105,7 +109,6 @@ def run_command(
 
         sources = [("file", str(demo_video()))]
         questions = questions or [DEMO_QUESTION]
-        realtime = True
     kind, target = sources[0]
     spec = SourceSpec(kind, str(target))
     speech = _speech_options(speak or demo, tts, voice, audio_dir, strict=not demo)

@@ -9,13 +9,30 @@ from typing import Callable, TypeVar
 
 import typer
 
-from edge_duet.errors import EdgeDuetError
+from edge_duet.errors import EdgeDuetError, MissingExtraError
 
 F = TypeVar("F", bound=Callable)
 
+# Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them. A command that imports
+# one without require() still ends in the same message and exit code as those that do.
+EXTRA_OF_MODULE = {
+    "torch": "export", "transformers": "export", "onnxscript": "export", "safetensors": "export", "onnx": "export",
+    "onnx_ir": "quant", "starlette": "serve", "uvicorn": "serve", "websockets": "serve", "matplotlib": "plots",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str) -> MissingExtraError | None:
+    """The :class:`MissingExtraError` for a missing optional module, or ``None`` for anything else (a real bug)."""
+    root = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(root)
+    return MissingExtraError(root, extra, f"`edge-duet {command}`") if extra else None
+
 
 def handle_errors(fn: F) -> F:
-    """Turn an :class:`EdgeDuetError` into a one-paragraph message on stderr and its exit code."""
+    """Turn an :class:`EdgeDuetError` into a one-paragraph message on stderr and its exit code.
+
+    Two more kinds never end in a traceback: a missing optional module (the extra to install, exit 9) and an
+    operating-system error on a named file that no earlier check caught, e.g. a disk that fills up (exit 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -24,11 +41,29 @@ def handle_errors(fn: F) -> F:
         except EdgeDuetError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            known = missing_extra(exc, _command_name())
+            if known is None:
+                raise
+            typer.echo(f"error: {known}", err=True)
+            raise typer.Exit(known.exit_code) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            typer.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _command_name() -> str:
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return ctx.info_name if ctx is not None and ctx.info_name else "this command"
 
 
 def default_model_dir() -> Path:
@@ -42,6 +77,7 @@ def resolve_model(model: Path | None) -> Path:
     from edge_duet.errors import BundleError
 
     if model is not None:
+        _check_bundle_dir(Path(model))
         return model
     path = default_model_dir()
     if not (path / "manifest.json").is_file():
@@ -54,3 +90,17 @@ def resolve_model(model: Path | None) -> Path:
 
 def eprint(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
+
+
+def _check_bundle_dir(model: Path) -> None:
+    """Two mistakes a new user makes with --model, each with its fix (Manifest.load checks the rest)."""
+    from edge_duet.errors import BundleError
+
+    if model.exists() and not model.is_dir():
+        raise BundleError(f"--model {model} is a file; give the bundle's folder (the one holding manifest.json).")
+    if not (model / "manifest.json").is_file() and (model / "config.json").is_file():
+        suggested = model.parent / f"{model.name}-bundle"
+        raise BundleError(
+            f"--model {model} is a Hugging Face checkpoint, not an ONNX bundle. Export it into a new folder first: "
+            f"`edge-duet export {model} {suggested}`, then pass --model {suggested}."
+        )

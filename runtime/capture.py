@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge_duet.errors import SourceError
+from edge_duet.errors import SourceError, UsageError
 
 from .clock import Clock, FrameSampler
 
@@ -41,6 +41,11 @@ class SourceSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("camera", "file", "url", "gst"):
             raise ValueError(f"unknown source kind {self.kind!r}")
+        if self.kind == "camera" and not str(self.target).strip().isdigit():
+            raise UsageError(
+                f"--camera takes a device index such as 0 (for /dev/video0), got {self.target!r}. "
+                "A video file goes to --video, a stream to --url."
+            )
 
     @property
     def live(self) -> bool:
@@ -198,10 +203,7 @@ def open_source(spec: SourceSpec, options: CaptureOptions = CaptureOptions()) ->
     ]
     with _Quiet():
         if spec.kind == "camera":
-            try:
-                index = int(spec.target)
-            except ValueError:
-                raise SourceError(f"--camera takes a device index such as 0, got {spec.target!r}.") from None
+            index = int(spec.target)  # a number: SourceSpec checked it
             if sys.platform.startswith("linux") and not os.path.exists(f"/dev/video{index}"):
                 raise SourceError(f"camera {index} not found (/dev/video{index} does not exist); " + _camera_hints(spec.target))
             cap = cv2.VideoCapture(index, cv2.CAP_ANY)

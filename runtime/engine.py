@@ -41,8 +41,10 @@ def resolve_providers(requested: Sequence[str] | str | None) -> list[str]:
         return ["CPUExecutionProvider"]
     names = [requested] if isinstance(requested, str) else list(requested)
     out = []
+    by_ort_name = {v.lower(): k for k, v in PROVIDER_NAMES.items()}  # CUDAExecutionProvider is taken as cuda
     for n in names:
         key = n.strip().lower()
+        key = by_ort_name.get(key, key)
         if key not in PROVIDER_NAMES:
             raise ProviderError(f"unknown provider {n!r}; choose from {', '.join(PROVIDER_NAMES)}")
         prov = PROVIDER_NAMES[key]
@@ -96,11 +98,12 @@ class KVCache:
 
 
 class Engine:
-    """Runs ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` of one bundle."""
+    """Runs ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` of one bundle (``graphs``: a subset, for tools
+    that must not hold every graph in memory at once, such as export validation at 3B)."""
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None,
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 low_memory: bool = False):
+                 low_memory: bool = False, graphs: Sequence[str] = ("vision", "embed", "decoder")):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)
@@ -116,7 +119,7 @@ class Engine:
             opts.enable_cpu_mem_arena = False
         self.session_options = opts
         self.sessions = {}
-        for name in ("vision", "embed", "decoder"):
+        for name in graphs:
             path, providers = self._session_source(name)
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

@@ -13,7 +13,7 @@ import pytest
 
 from mjpeg import MjpegServer
 
-from edge_duet.errors import SourceError
+from edge_duet.errors import SourceError, UsageError
 from edge_duet.runtime.capture import (
     CaptureOptions,
     CaptureThread,
@@ -123,7 +123,7 @@ def test_missing_camera_lists_what_to_try():
 
 
 def test_camera_index_must_be_a_number():
-    with pytest.raises(SourceError, match="device index"):
+    with pytest.raises(UsageError, match="device index"):
         open_source(SourceSpec("camera", "front"))
 
 
