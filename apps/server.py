@@ -6,7 +6,9 @@ Routes (the OpenAPI description at ``/openapi.json`` is built from the same limi
     POST /api/frames          a JPEG/PNG frame (raw body, ``Content-Type: image/jpeg|image/png``, ``?t=`` seconds)
     POST /api/questions       {"text": "...", "must_reply": false}
     POST /api/reset | /api/cancel
-    POST|DELETE /api/control  take or release the controller lease (one controller, many watchers)
+    POST|DELETE /api/control  take or release the controller lease (one controller, many watchers); a lease taken
+                              with ``X-Edge-Duet-Watcher: ID`` (the id in the "hello" event) ends when that
+                              WebSocket closes, so a closed tab never locks the next one out
     GET  /api/status | /api/health | /api/frame.jpg | /api/stream.mjpeg
     WS   /api/events          JSON events (see runtime/events.py), a "hello" with the status first
 
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONTROLLER_HEADER = "x-edge-duet-controller"
+WATCHER_HEADER = "x-edge-duet-watcher"
+MIN_NETWORK_TOKEN_CHARS = 16
+REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # what str(exc) of PIL and others may embed
 CONTROLLER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
@@ -94,10 +99,18 @@ def host_name(header: str) -> str:
 
 def check_bind(options: ServerOptions) -> None:
     """Refuse to expose the assistant beyond this machine without a token."""
-    if not is_loopback(options.host) and not options.token:
+    if is_loopback(options.host):
+        return
+    if not options.token:
         raise UsageError(
             f"binding to {options.host} exposes the camera and the assistant to the network. Pass --token "
             "(or set EDGE_DUET_TOKEN) so clients must send 'Authorization: Bearer TOKEN', or bind to 127.0.0.1."
+        )
+    if len(options.token) < MIN_NETWORK_TOKEN_CHARS:
+        raise UsageError(
+            f"--token has {len(options.token)} characters; on a network interface ({options.host}) it needs at least "
+            f"{MIN_NETWORK_TOKEN_CHARS}, or anyone on the network can guess it. Make one with "
+            "`openssl rand -hex 16`."
         )
 
 
@@ -108,6 +121,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every refusal goes out through here; a Python object repr in a message would mean nothing to a user."""
+    message = REPR.sub("the data", message)
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
@@ -158,6 +173,7 @@ class Hub:
         self.watchers: dict[int, Watcher] = {}
         self.limiter = RateLimiter()
         self.controller: tuple[str, float] | None = None  # (id, expires at monotonic)
+        self.controller_watcher: int | None = None  # the WebSocket whose closing ends the lease
         self.streams = 0
         self.closing = asyncio.Event()
         self._next_id = 0
@@ -177,8 +193,15 @@ class Hub:
 
     def controller_id(self) -> str | None:
         if self.controller and self.controller[1] < time.monotonic():
-            self.controller = None
+            self.release_control()
         return self.controller[0] if self.controller else None
+
+    def release_control(self) -> None:
+        """The lease ends; watchers hear it at once (the kiosk page then claims control)."""
+        was = self.controller is not None
+        self.controller, self.controller_watcher = None, None
+        if was:
+            self.publish({"event": "control", "controlled": False})
 
     async def latest_jpeg(self) -> tuple[int, bytes] | None:
         latest = self.assistant.latest_frame()
@@ -234,7 +257,11 @@ def decode_image(body: bytes, content_type: str, max_side: int):
     except ApiError:
         raise
     except Exception as exc:  # PIL raises many types for hostile input (OSError, SyntaxError, ValueError, ...)
-        raise ApiError(422, "bad_image", f"the {expected} body could not be decoded ({type(exc).__name__}: {exc}).") from None
+        from PIL import UnidentifiedImageError
+
+        why = "not an image PIL recognises" if isinstance(exc, UnidentifiedImageError) else REPR.sub("it", str(exc))
+        raise ApiError(422, "bad_image", f"the {expected} body could not be decoded ({why}): send a complete "
+                                         f"{expected} file.") from None
 
 
 # ------------------------------------------------------------------ request checks
@@ -270,6 +297,17 @@ def controller_header(request: Request) -> str:
     return value
 
 
+def watcher_header(request: Request) -> int | None:
+    """The connected WebSocket the controller's page holds (``X-Edge-Duet-Watcher``), or None."""
+    value = request.headers.get(WATCHER_HEADER)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) not in _hub(request).watchers:
+        raise ApiError(400, "bad_watcher", "X-Edge-Duet-Watcher must be the id of this page's open /api/events "
+                                           "connection (its 'hello' event says it).")
+    return int(value)
+
+
 def check_post(request: Request, bucket: str, control: bool = True) -> None:
     check_access(request)
     given = controller_header(request)
@@ -278,7 +316,9 @@ def check_post(request: Request, bucket: str, control: bool = True) -> None:
     rate, burst = (opts.frames_per_s, opts.frames_burst) if bucket == "frames" else (opts.posts_per_s, opts.posts_burst)
     wait = hub.limiter.take(request.client.host if request.client else "?", bucket, rate, burst)
     if wait:
-        raise ApiError(429, "rate_limited", f"too many {bucket} requests; at most {rate:g}/s (burst {burst}).",
+        what = "frames" if bucket == "frames" else "requests (questions, resets, cancels, control)"
+        raise ApiError(429, "rate_limited", f"too many {what}: at most {rate:g} per second (burst {burst}); "
+                                            f"retry in {max(1, math.ceil(wait))} s.",
                        {"Retry-After": str(max(1, math.ceil(wait)))})
     if control:
         current = hub.controller_id()
@@ -395,12 +435,16 @@ async def control(request: Request) -> Response:
     if request.method == "DELETE":
         if current is not None and not mine:
             raise ApiError(409, "not_controller", "only the controller can release its lease.")
-        hub.controller = None
+        hub.release_control()
         return JSONResponse({"released": current is not None})
     if current is not None and not mine:
-        raise ApiError(409, "controlled", "another client controls this assistant; you can watch.")
+        raise ApiError(409, "controlled", "another client controls this assistant; you can watch. Control passes "
+                                          "on when that page closes or its lease ends.")
+    watcher = watcher_header(request)
     ident = current or secrets.token_urlsafe(16)
     hub.controller = (ident, time.monotonic() + hub.options.controller_lease_s)
+    if watcher is not None:
+        hub.controller_watcher = watcher
     return JSONResponse({"controller_id": ident, "lease_s": hub.options.controller_lease_s})
 
 
@@ -457,7 +501,7 @@ async def events(ws: WebSocket) -> None:
         return
     await ws.accept()
     watcher = hub.new_watcher()
-    watcher.push(json.dumps({"event": "hello", "status": hub.status()}, ensure_ascii=False))
+    watcher.push(json.dumps({"event": "hello", "watcher": watcher.id, "status": hub.status()}, ensure_ascii=False))
 
     async def send_loop() -> None:
         while True:
@@ -481,6 +525,8 @@ async def events(ws: WebSocket) -> None:
     finally:
         sender.cancel()
         hub.watchers.pop(watcher.id, None)
+        if hub.controller_watcher == watcher.id:  # the controlling page closed: the next one may take over
+            hub.release_control()
 
 
 async def index(request: Request) -> Response:

@@ -187,6 +187,7 @@ MALFORMED = [
     ("question: body too large", "POST", "/api/questions", {"Content-Type": "application/json"},
      json.dumps({"text": "\u2603" * 400, "pad": "y" * 20000}).encode(), 413),
     ("reset: body too large", "POST", "/api/reset", {"Content-Type": "application/json"}, b"{" + b" " * 20000 + b"}", 413),
+    ("control: watcher not connected", "POST", "/api/control", {"X-Edge-Duet-Watcher": "9999"}, b"", 400),
     ("unknown path", "GET", "/api/nothing", {}, b"", 404),
     ("wrong method", "DELETE", "/api/status", {}, b"", 405),
     ("GET on a POST route", "GET", "/api/questions", {}, b"", 405),
@@ -200,6 +201,7 @@ def test_malformed_requests_get_4xx_json(server, assistant, case):
     assert r.status_code == status, r.text
     data = r.json()
     assert set(data) == {"error", "message"} and data["message"]
+    assert " object at 0x" not in data["message"]  # a Python repr means nothing to the user
     assert assistant.alive and httpx.get(server + "/api/health", timeout=10).json()["ok"]
 
 
@@ -243,7 +245,10 @@ def test_binding_beyond_loopback_requires_a_token():
     for host in ("0.0.0.0", "192.168.1.20", "::"):
         with pytest.raises(UsageError, match="--token"):
             check_bind(ServerOptions(host=host))
-        check_bind(ServerOptions(host=host, token="s3cret"))
+        with pytest.raises(UsageError, match="at least 16"):
+            check_bind(ServerOptions(host=host, token="abc"))
+        check_bind(ServerOptions(host=host, token="s3cret-s3cret-16"))
+    check_bind(ServerOptions(host="127.0.0.1", token="abc"))  # loopback: any token is the user's choice
 
 
 def test_cli_refuses_network_bind_without_token(monkeypatch):
@@ -301,6 +306,7 @@ def test_rate_limits_answer_429_with_retry_after(tiny_bundle):
         assert codes == [202, 202, 202, 429, 429]
         r = http.post("/api/reset")
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and r.json()["error"] == "rate_limited"
+        assert r.json()["message"].startswith("too many requests (questions, resets")
         codes = [http.post("/api/frames", content=image_bytes(), headers={"Content-Type": "image/jpeg"}).status_code
                  for _ in range(3)]
         assert codes == [202, 202, 429]
@@ -323,6 +329,31 @@ def test_one_controller_many_watchers(tiny_bundle):
             assert bob_lease["controller_id"] != lease["controller_id"]
             time.sleep(1.2)  # the lease ends when its holder goes quiet
             assert alice.post("/api/questions", json={"text": "back"}).status_code == 202
+
+
+def test_a_lease_bound_to_a_page_ends_when_the_page_closes(tiny_bundle):
+    """Closing the controlling tab and opening a new one: the new tab controls at once, not after the lease."""
+    with Assistant(tiny_bundle, FAST) as a, running_server(a, replace(ROOMY, controller_lease_s=60.0)) as base:
+        with httpx.Client(base_url=base, timeout=10) as http, ws_sync.connect(ws_url(base)) as new_tab:
+            assert json.loads(new_tab.recv(timeout=10))["event"] == "hello"
+            with ws_sync.connect(ws_url(base)) as old_tab:
+                hello = json.loads(old_tab.recv(timeout=10))
+                lease = http.post("/api/control", headers={"X-Edge-Duet-Watcher": str(hello["watcher"])}).json()
+                assert http.post("/api/control").status_code == 409
+            seen = events_until(new_tab, lambda e: e["event"] == "control")
+            assert seen[-1] == {"event": "control", "controlled": False}
+            assert http.get("/api/status").json()["server"]["controlled"] is False
+            again = http.post("/api/control")
+            assert again.status_code == 200 and again.json()["controller_id"] != lease["controller_id"]
+
+
+def test_decode_errors_name_no_python_objects():
+    """PIL's own message for this input holds '<_io.BytesIO object at 0x...>'."""
+    from edge_duet.apps.server import ApiError, decode_image
+
+    with pytest.raises(ApiError) as info:
+        decode_image(b"\xff\xd8 not really a jpeg", "image/jpeg", 4096)
+    assert info.value.status == 422 and " at 0x" not in info.value.message and "JPEG" in info.value.message
 
 
 def test_posted_frames_are_refused_while_the_server_owns_a_source(tiny_bundle, tmp_path):

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   token: null,          // bearer token (from #token=... in the URL, kept for this tab only)
   controllerId: null,   // our controller lease, or null when another client controls (we watch)
+  watcherId: null,      // our /api/events connection: a lease bound to it ends when this page closes
   prefix: "",           // the "must reply" prefill, stripped from captions and speech
   interval: 1,          // frame_interval_s, for the browser camera
   speech: localStorage.getItem("edgeDuetSpeech") === "on",
@@ -28,8 +29,8 @@ function withToken(path) {
   return state.token ? path + (path.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(state.token) : path;
 }
 
-async function api(method, path, body, contentType) {
-  const headers = authHeaders(contentType ? { "Content-Type": contentType } : {});
+async function api(method, path, body, contentType, extraHeaders = {}) {
+  const headers = authHeaders({ ...extraHeaders, ...(contentType ? { "Content-Type": contentType } : {}) });
   const res = await fetch(path, { method, headers, body });
   let data = null;
   try { data = await res.json(); } catch (_) { /* not JSON */ }
@@ -102,6 +103,8 @@ function onEvent(ev) {
   switch (ev.event) {
     case "hello": {
       const s = ev.status;
+      state.watcherId = ev.watcher ?? null;
+      claimControl();  // binds our lease to this connection (or takes control if nobody has it)
       state.prefix = s.must_reply_prefix || "";
       state.interval = s.frame_interval_s || 1;
       $("model").textContent = s.model;
@@ -151,6 +154,9 @@ function onEvent(ev) {
     case "source":
       if (ev.status !== "corrupt") toast(ev.message, 4000);
       break;
+    case "control":
+      if (!ev.controlled && !state.controllerId) claimControl();  // the controlling page went away
+      break;
     case "closed":
       setConn("offline", "server stopped");
       break;
@@ -168,6 +174,7 @@ function connect() {
     try { onEvent(JSON.parse(msg.data)); } catch (err) { console.error("bad event", err); }
   };
   ws.onclose = async () => {
+    state.watcherId = null;  // the next connection gets a new id
     // A refused handshake reaches the page as a bare close: ask the API why.
     const probe = await api("GET", "/api/status").catch(() => ({ status: 0 }));
     if (probe.status === 401) {
@@ -191,7 +198,8 @@ function startLive() {
 
 // ------------------------------------------------------------------ control
 async function claimControl() {
-  const r = await api("POST", "/api/control");
+  const r = await api("POST", "/api/control", undefined, undefined,
+                      state.watcherId !== null ? { "X-Edge-Duet-Watcher": String(state.watcherId) } : {});
   if (r.ok) {
     state.controllerId = r.data.controller_id;
     sessionStorage.setItem("edgeDuetController", state.controllerId);
@@ -290,6 +298,10 @@ function init() {
   connect();
   claimControl();
   setInterval(claimControl, 10000);  // renews our lease; a watcher takes over once the controller's lease ends
+  // closing the tab hands control on at once (the server also ends a lease when its WebSocket closes)
+  window.addEventListener("pagehide", () => {
+    if (state.controllerId) fetch("/api/control", { method: "DELETE", headers: authHeaders(), keepalive: true });
+  });
 }
 
 document.addEventListener("DOMContentLoaded", init);
