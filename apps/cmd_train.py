@@ -30,7 +30,11 @@ def register(app: typer.Typer) -> None:
         """Train the demo model (a real Qwen2_5_VLForConditionalGeneration) from scratch: supervised multi-turn
         dialogues with NO REPLY turns, generated from the benchmark's scene generator. Writes a Hugging Face
         checkpoint directory with tokenizer, preprocessor and proactive.json, plus training/loss.png."""
-        from edge_duet.errors import UsageError
+        from edge_duet.apps.outputs import check_dir
+        from edge_duet.errors import UsageError, require
+
+        for module in ("torch", "transformers"):
+            require(module, "export", "`edge-duet train-demo`")
         from edge_duet.train.sft import TrainOptions, train
 
         if minutes <= 0:
@@ -41,6 +45,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--init-from {init_from} is not a checkpoint directory (no config.json)")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        check_dir(out_checkpoint, "OUT_CHECKPOINT")
         opts = TrainOptions(minutes=minutes, steps=steps, init_from=init_from, seed=seed, shape=shape, lr=lr,
                             batch_size=batch_size, eval_dialogues=eval_dialogues, threads=threads)
         result = train(out_checkpoint, opts, log=eprint)
