@@ -72,7 +72,7 @@ def bench_command(
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Validate bundles this command exports."),
     quick: bool = typer.Option(False, help="A seconds-long smoke run: the tiny shape (unless TARGET or --shape), "
                                            "6 turns, 160x120 frames, 4-token replies."),
-    server: Optional[str] = ro.SERVER,
+    server: Optional[str] = ro.server_option("TARGET"),
     served_model: Optional[str] = ro.SERVED_MODEL,
     server_token: Optional[str] = ro.SERVER_TOKEN,
     server_api: str = ro.SERVER_API,

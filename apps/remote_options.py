@@ -10,11 +10,18 @@ import typer
 
 PANEL = "Remote server (vLLM)"
 
-SERVER = typer.Option(
-    None, "--server", help="Run the model on this OpenAI-compatible server (vLLM) instead of locally: "
-    "http://HOST:PORT/v1. --model then names the served model's bundle or checkpoint folder (no weights needed).",
-    rich_help_panel=PANEL,
-)
+
+
+def server_option(model_param: str = "--model"):
+    """--server; ``model_param`` is what names the served model's folder in the command using it."""
+    return typer.Option(
+        None, "--server", help="Run the model on this OpenAI-compatible server (vLLM) instead of locally: "
+        f"http://HOST:PORT/v1. {model_param} then names the served model's bundle or checkpoint folder (no weights "
+        "needed).", rich_help_panel=PANEL,
+    )
+
+
+SERVER = server_option()
 SERVED_MODEL = typer.Option(
     None, "--served-model", help="The name the server serves the model under (vLLM's --served-model-name).",
     rich_help_panel=PANEL,

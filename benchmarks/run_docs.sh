@@ -4,6 +4,7 @@
 # several-fold to other users' processes (PyTorch far more than ONNX Runtime), which would flatter edge-duet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/edge_duet_on_path.sh
 OUT=benchmarks/results
 
 # edge-duet fp32 and int8 (made with `edge-duet quantize --recipe int8`), each with and without token drop,

@@ -6,6 +6,7 @@
 # dialogues from other seeds. Writes artifacts/bench-<seed> and artifacts/score-demo/<seed>/{pred.jsonl,report.json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/edge_duet_on_path.sh
 BUNDLE=${1:-}
 for split in 1234:60 2468:240; do
   seed=${split%%:*} n=${split##*:}

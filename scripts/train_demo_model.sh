@@ -5,6 +5,7 @@
 #   bash scripts/train_demo_model.sh            # writes artifacts/demo-stage{1,2,3}, then the bundle
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/edge_duet_on_path.sh
 A=artifacts
 
 # 1. from scratch: 6-turn dialogues for the first 35 % of the steps, then full-length ones (lr 2e-3)
