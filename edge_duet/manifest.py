@@ -142,8 +142,8 @@ class PromptSpec:
     """The proactive protocol's defaults (see shared/PROTOCOL.md); all overridable by the user."""
 
     system_prompt: str
-    no_reply_text: str = "NO REPLY"
-    must_reply_prefix: str = "I must reply.\n"
+    no_reply_text: str = "NO REPLY"  # edge_duet.protocol.NO_REPLY
+    must_reply_prefix: str = "I must reply.\n"  # edge_duet.protocol.MUST_REPLY_PREFIX
     frame_interval_s: float = 1.0
     frames_per_turn: int = 2
     max_context_tokens: int = 8192
@@ -164,6 +164,8 @@ class Manifest:
     provenance: tuple[dict[str, Any], ...] = ()
     export_info: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (small files only)
+    # where each protocol setting came from: "mmduet2-default", "proactive.json", "export option", ...
+    protocol_sources: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ io
@@ -222,6 +224,7 @@ class Manifest:
                 provenance=tuple(data.get("provenance", ())),
                 export_info=dict(data.get("export_info", {})),
                 files=dict(data.get("files", {})),
+                protocol_sources=dict(data.get("protocol_sources", {})),
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:

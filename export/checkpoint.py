@@ -7,20 +7,23 @@ A checkpoint is a Hugging Face directory with the ``Qwen2_5_VLForConditionalGene
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     preprocessor_config.json     Qwen2-VL image processor settings
     proactive.json               optional, edge-duet's: system prompt and frame timing for proactive use
+                                 (absent in MMDuet2 as published: edge_duet.protocol supplies MMDuet2's defaults)
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edge_duet.errors import CheckpointError
-from edge_duet.manifest import PromptSpec
+from edge_duet.protocol import PROACTIVE_FILE, ProactiveDefaults, read_proactive
 
-from .tokenizer import DEFAULT_SYSTEM_PROMPT, build_tokenizer, write_tokenizer_files
+from .tokenizer import build_tokenizer, write_tokenizer_files
+
+__all__ = ["ProactiveDefaults", "read_proactive", "make_checkpoint", "inspect_checkpoint", "load_model"]
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -122,41 +125,6 @@ def shape_from_name(name: str, **overrides: Any) -> CheckpointShape:
     return replace(SHAPES[name], **overrides)
 
 
-@dataclass(frozen=True)
-class ProactiveDefaults:
-    """edge-duet's proactive settings carried by a checkpoint (``proactive.json``), copied into bundles."""
-
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    frame_interval_s: float = 1.0
-    frames_per_turn: int = 2
-    max_context_tokens: int = 8192
-    no_reply_text: str = "NO REPLY"
-    must_reply_prefix: str = "I must reply.\n"
-    extra: dict = field(default_factory=dict)
-
-    def prompt(self, system_prompt: str | None = None, frame_interval_s: float | None = None,
-               frames_per_turn: int | None = None, max_context_tokens: int | None = None) -> PromptSpec:
-        """The bundle's proactive protocol: these settings, each overridden where a value is given."""
-        return PromptSpec(
-            system_prompt=system_prompt or self.system_prompt, no_reply_text=self.no_reply_text,
-            must_reply_prefix=self.must_reply_prefix, frame_interval_s=frame_interval_s or self.frame_interval_s,
-            frames_per_turn=frames_per_turn or self.frames_per_turn,
-            max_context_tokens=max_context_tokens or self.max_context_tokens,
-        )
-
-
-def read_proactive(path: Path) -> ProactiveDefaults:
-    """A checkpoint directory's ``proactive.json`` (unknown keys ignored), or the defaults where it has none."""
-    f = path / "proactive.json"
-    if not f.is_file():
-        return ProactiveDefaults()
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{f} is unreadable or not JSON ({exc})") from exc
-    return ProactiveDefaults(**{k: v for k, v in data.items() if k in ProactiveDefaults.__dataclass_fields__})
-
-
 def hf_config_dict(shape: CheckpointShape, vocab_size: int, token_ids: dict[str, int]) -> dict[str, Any]:
     """A transformers-5 nested ``config.json`` for ``shape``."""
     head_dim = shape.hidden_size // shape.num_attention_heads
@@ -245,6 +213,8 @@ def make_checkpoint(
 
     ``shape.vocab_size == 0`` means "the tokenizer's size". A larger vocab (as in the real 3B) pads the embedding.
     ``init_std`` overrides the initializer range (bigger gives sharper, more varied random logits).
+    ``flat_config`` writes MMDuet2's published layout: the flat hub ``config.json`` and no ``proactive.json``
+    (unless ``proactive`` is given), so an export of it runs on MMDuet2's defaults.
     """
     torch = _require_torch()
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -279,8 +249,9 @@ def make_checkpoint(
         (out / "config.json").write_text(json.dumps(flat_hub_config(cfg_dict, dtype), indent=2) + "\n")
     write_tokenizer_files(out, tok)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(shape), indent=2) + "\n")
-    p = proactive or ProactiveDefaults()
-    (out / "proactive.json").write_text(json.dumps(asdict(p), indent=2) + "\n")
+    if proactive is not None or not flat_config:  # flat_config is MMDuet2's layout: no edge-duet settings file
+        p = proactive or ProactiveDefaults()
+        (out / PROACTIVE_FILE).write_text(json.dumps(p.to_json(), indent=2) + "\n")
     return out
 
 
@@ -373,15 +344,16 @@ def _check_safetensors_header(path: Path) -> None:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}): re-download or re-save it") from exc
 
 
-def load_model(path: str | Path, dtype: str = "float32"):
-    """Load a checked checkpoint as ``Qwen2_5_VLForConditionalGeneration`` in eval mode (needs the export extra)."""
+def load_model(path: str | Path, dtype: str | None = "float32"):
+    """Load a checked checkpoint as ``Qwen2_5_VLForConditionalGeneration`` in eval mode (needs the export extra).
+    ``dtype`` None keeps the checkpoint's own dtype (bfloat16 for MMDuet2: half the memory of float32)."""
     torch = _require_torch()
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     info = inspect_checkpoint(path)
     try:
         model, loading = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            info.path, dtype=getattr(torch, dtype), output_loading_info=True
+            info.path, dtype="auto" if dtype is None else getattr(torch, dtype), output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load {info.path}: {exc}") from exc

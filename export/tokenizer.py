@@ -36,7 +36,9 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-DEFAULT_SYSTEM_PROMPT = (
+# The demo model's own system prompt (train/); checkpoints without proactive.json get MMDuet2's
+# (edge_duet.protocol.MMDUET2_SYSTEM_PROMPT) instead.
+DEMO_SYSTEM_PROMPT = (
     "You are watching a live video. Frames arrive continuously, one user turn at a time. "
     "Answer the user's questions from what the video shows. When you reply, say what the video showed since "
     "your last reply. If the frames so far cannot answer the question, output NO REPLY."
@@ -51,7 +53,7 @@ def default_corpus() -> list[str]:
     lines = [
         "NO REPLY",
         "I must reply.\n",
-        DEFAULT_SYSTEM_PROMPT,
+        DEMO_SYSTEM_PROMPT,
         "You are a helpful assistant.",
         "What is happening in the video? Tell me when something changes.",
         "What is the cook doing? She is cracking two eggs into a bowl.",

@@ -41,11 +41,11 @@ from typing import Union
 
 from edge_duet.errors import InputError
 from edge_duet.manifest import TokenSpec
+from edge_duet.protocol import QWEN_SYSTEM_PROMPT
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "TextPiece", "ImagePiece", "Piece", "ChatRenderer", "render_ids", "num_tokens"]
+__all__ = ["QWEN_SYSTEM_PROMPT", "TextPiece", "ImagePiece", "Piece", "ChatRenderer", "render_ids", "num_tokens"]
 
 # What the template inserts when a dialogue does not start with a system message.
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class ChatRenderer:
         return [self.tokens.im_start, *(self.text_ids(head + text) if text else self._fixed(head))]
 
     # ------------------------------------------------------------------ turns
-    def system(self, prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[Piece]:
+    def system(self, prompt: str = QWEN_SYSTEM_PROMPT) -> list[Piece]:
         """``<|im_start|>system\\n{prompt}<|im_end|>\\n``."""
         return [TextPiece((*self._role_line("system", prompt), self.tokens.im_end, *self._fixed("\n")))]
 

@@ -28,6 +28,7 @@ Differences from :class:`~edge_duet.runtime.session.Session`:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import threading
@@ -78,7 +79,7 @@ def load_remote_model(path: str | Path) -> RemoteModel:
         )
     from tokenizers import Tokenizer
 
-    from edge_duet.export.checkpoint import read_proactive
+    from edge_duet.protocol import read_proactive
 
     def read(name: str) -> dict:
         try:
@@ -94,7 +95,9 @@ def load_remote_model(path: str | Path) -> RemoteModel:
     preprocess = PreprocessSpec.from_preprocessor_config(  # as the exporter reads it
         read("preprocessor_config.json"), vision.get("patch_size", 14), vision.get("spatial_merge_size", 2),
         vision.get("temporal_patch_size", 2))
-    return RemoteModel(path.name, tokens, preprocess, read_proactive(path).prompt(), path / "tokenizer.json")
+    prompt, max_pixels, _ = read_proactive(path).resolve(preprocess.max_pixels)  # as the exporter resolves it
+    preprocess = dataclasses.replace(preprocess, max_pixels=max_pixels)
+    return RemoteModel(path.name, tokens, preprocess, prompt, path / "tokenizer.json")
 
 
 @dataclass

@@ -18,6 +18,7 @@ window is re-prefilled from position 0 (see ``_evict``). See runtime/DESIGN.md f
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class SessionOptions:
     max_new_tokens: int = 64
     max_context_tokens: int | None = None  # None: the bundle's default
     token_drop_threshold: float | None = None  # cosine similarity above which a visual token is dropped; None: off
+    max_pixels: int | None = None  # per-frame pixel budget; None: the bundle's (MMDuet2's ~128 tokens by default)
     temperature: float = 0.0  # 0: greedy (the protocol's setting)
     top_k: int = 0
     seed: int | None = None
@@ -175,6 +177,12 @@ class Session(QuestionInbox):
         self.renderer = ChatRenderer(self.tokenizer, self.manifest.tokens, self.manifest.vision.merge_size)
         prompt = self.manifest.prompt
         self.max_context_tokens = options.max_context_tokens or prompt.max_context_tokens
+        self.preprocess = self.manifest.preprocess
+        if options.max_pixels is not None:
+            if options.max_pixels < self.preprocess.min_pixels:
+                raise UsageError(f"max_pixels {options.max_pixels} is below the model's minimum frame size "
+                                 f"({self.preprocess.min_pixels} px)")
+            self.preprocess = dataclasses.replace(self.preprocess, max_pixels=options.max_pixels)
         if options.max_new_tokens < 1:
             raise UsageError("max_new_tokens must be at least 1")
         self._no_reply_ids = self.renderer.text_ids(prompt.no_reply_text)
@@ -207,7 +215,7 @@ class Session(QuestionInbox):
         """Queue frames for the next turn. ``frames``: HxWx3 uint8 arrays (``channels`` "bgr" from OpenCV or
         "rgb") or PIL images; ``t``: the turn's video time in seconds."""
         for frame in frames:
-            self._frames.append(preprocess_frame(frame, self.manifest.preprocess, channels=channels))
+            self._frames.append(preprocess_frame(frame, self.preprocess, channels=channels))
         self._t = float(t)
 
     def cancel(self) -> None:

@@ -15,9 +15,10 @@ import torch
 from tokenizers import Tokenizer
 
 from edge_duet.export.checkpoint import load_model, make_checkpoint
+from edge_duet.export.tokenizer import DEMO_SYSTEM_PROMPT
 from edge_duet.export.reference import TorchReference
-from edge_duet.export.tokenizer import DEFAULT_SYSTEM_PROMPT
 from edge_duet.manifest import PreprocessSpec, TokenSpec
+from edge_duet.protocol import ProactiveDefaults
 from edge_duet.runtime.chat import ChatRenderer, render_ids
 from edge_duet.runtime.preprocess import preprocess_frame
 
@@ -60,7 +61,8 @@ def dialogue_script(seed: int, turns: int) -> list[tuple[list[np.ndarray], str |
 
 def make_chatty_checkpoint(out: Path, shape: str = "tiny-mha", seed: int = 0, p_no: float = 0.65,
                            p_reply: float = 0.75, p_end: float = 0.75, samples: int = 5, turns: int = 12) -> Path:
-    ckpt = make_checkpoint(out, shape, seed=seed, init_std=0.1)
+    # calibrated for the prompt it carries (the short demo prompt: a calibration holds for one prompt only)
+    ckpt = make_checkpoint(out, shape, seed=seed, init_std=0.1, proactive=ProactiveDefaults(system_prompt=DEMO_SYSTEM_PROMPT))
     model, _ = load_model(ckpt)
     if model.config.tie_word_embeddings:
         raise ValueError("calibration needs an untied lm_head")
@@ -75,7 +77,7 @@ def make_chatty_checkpoint(out: Path, shape: str = "tiny-mha", seed: int = 0, p_
     h_end, h_no, h_reply = [], [], []
     key = 0
     for _ in range(samples):
-        ids = render_ids(r.system(DEFAULT_SYSTEM_PROMPT))
+        ids = render_ids(r.system(DEMO_SYSTEM_PROMPT))  # the prompt its proactive.json gives the bundle
         frames = []
         for k in range(turns):
             fr = [preprocess_frame(f, pre, channels="rgb") for f in random_frames(rng, 2)]

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_duet.eval import benchmark as bm
 from edge_duet.eval import scenes as sc
-from edge_duet.export.tokenizer import DEFAULT_SYSTEM_PROMPT
+from edge_duet.export.tokenizer import DEMO_SYSTEM_PROMPT
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 EVENTS = ("none", "appeared", "moved", "recoloured", "left")
@@ -37,7 +37,7 @@ GRID = MODEL_SIDE // 28
 
 def corpus_lines() -> list[str]:
     """Every sentence the benchmark can say, for fitting the tokenizer."""
-    lines = [bm.NO_REPLY, bm.MUST_REPLY_PREFIX, DEFAULT_SYSTEM_PROMPT, QWEN_DEFAULT_SYSTEM,
+    lines = [bm.NO_REPLY, bm.MUST_REPLY_PREFIX, DEMO_SYSTEM_PROMPT, QWEN_DEFAULT_SYSTEM,
              bm.Q_APPEAR_ANY, bm.Q_LEAVE, bm.Q_RECOLOUR, bm.Q_MOVE, bm.Q_COUNT, bm.Q_HOW_MANY]
     for c in sc.COLOUR_NAMES:
         lines += [bm.Q_APPEAR_COLOUR.format(colour=c), bm.Q_WHAT_SHAPE.format(colour=c)]
@@ -125,7 +125,7 @@ class DialogueEncoder:
             out.append(np.ascontiguousarray(bgr[..., ::-1]))
         return out
 
-    def encode(self, example: bm.Example, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    def encode(self, example: bm.Example, system_prompt: str | None = DEMO_SYSTEM_PROMPT,
                rng: np.random.Generator | None = None) -> Encoded:
         turns = bm.turns(example, self.clock)
         ids: list[int] = []
@@ -176,7 +176,7 @@ def random_example(rng: np.random.Generator, duration_s: float, clock: bm.Clock 
 
 def random_system_prompt(rng: np.random.Generator) -> str:
     """Mostly the checkpoint's prompt; sometimes Qwen's default (what the template inserts without one)."""
-    return DEFAULT_SYSTEM_PROMPT if rng.random() < 0.85 else QWEN_DEFAULT_SYSTEM
+    return DEMO_SYSTEM_PROMPT if rng.random() < 0.85 else QWEN_DEFAULT_SYSTEM
 
 
 def collate(batch: list[Encoded], pad_id: int, image_pad: int):

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_duet.eval import benchmark as bm
 from edge_duet.export.checkpoint import CheckpointShape, ProactiveDefaults, make_checkpoint, shape_from_name
-from edge_duet.export.tokenizer import DEFAULT_SYSTEM_PROMPT, build_tokenizer
+from edge_duet.export.tokenizer import DEMO_SYSTEM_PROMPT, build_tokenizer
 
 from . import data as td
 
@@ -95,7 +95,7 @@ def resolve_shape(name: str) -> CheckpointShape:
 def init_checkpoint(out_dir: Path, opts: TrainOptions) -> Path:
     tok = build_tokenizer(td.corpus_lines(), opts.vocab_size)
     proactive = ProactiveDefaults(
-        system_prompt=DEFAULT_SYSTEM_PROMPT, frame_interval_s=1.0, frames_per_turn=2, max_context_tokens=2048,
+        system_prompt=DEMO_SYSTEM_PROMPT, frame_interval_s=1.0, frames_per_turn=2, max_context_tokens=2048,
         extra={"trained_by": "edge-duet train-demo", "seed": opts.seed, "frame_side_px": td.MODEL_SIDE},
     )
     return make_checkpoint(out_dir, resolve_shape(opts.shape), seed=opts.seed, tokenizer=tok, proactive=proactive)
@@ -282,7 +282,7 @@ def greedy_dialogue(model, encoder: td.DialogueEncoder, example: bm.Example, max
 
 
 def greedy_turns(model, encoder: td.DialogueEncoder, frames_rgb: list, specs: list[tuple[int, str | None, bool]],
-                 max_new_tokens: int = 24, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[str]:
+                 max_new_tokens: int = 24, system_prompt: str = DEMO_SYSTEM_PROMPT) -> list[str]:
     """Greedy replies by full recompute (no cache), the model's own replies kept in the history.
 
     frames_rgb: every frame of the stream (HxWx3 uint8 RGB); specs: per turn (number of frames, question text or
