@@ -7,7 +7,10 @@ validated, so a failed or interrupted export never leaves a half-written bundle 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
+import gc
+import os
 import resource
 import shutil
 import time
@@ -22,7 +25,7 @@ from edge_duet.manifest import (
     GraphSpec, Manifest, PreprocessSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
 )
 
-from .checkpoint import CheckpointInfo, load_model
+from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model
 
 TWO_GB = 2 * 1024**3
 SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest
@@ -37,16 +40,21 @@ class ExportOptions:
     max_context_tokens: int | None = None
     frame_interval_s: float | None = None
     frames_per_turn: int | None = None
+    max_pixels: int | None = None  # per-frame pixel budget (None: MMDuet2's ~128 tokens for a settings-less checkpoint)
     name: str | None = None
     exporter: str = "auto"  # auto: TorchScript for small graphs, dynamo for graphs over ~1.5 GB; or "dynamo"
+    quantize: str | None = None  # a quant recipe: the bundle written is the quantized one (see quant/quantize.py)
+    memory_gb: float | None = None  # memory the export may use (None: what the machine has available now)
 
 
 @dataclass
 class ExportReport:
     bundle_dir: Path
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_peak_gb: dict[str, float] = field(default_factory=dict)
     peak_rss_gb: float = 0.0
     validation: object | None = None
+    quantization: object | None = None
 
     def summary(self) -> str:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
@@ -57,56 +65,215 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
 
 
+def _rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 1024**3
+    except OSError:
+        return float("nan")
+
+
 @contextlib.contextmanager
 def _stage(report: ExportReport, name: str, log: Callable[[str], None]):
     log(f"[{name}] ...")
     t0 = time.perf_counter()
     yield
     report.stage_seconds[name] = time.perf_counter() - t0
-    log(f"[{name}] done in {report.stage_seconds[name]:.1f} s (peak memory {_peak_rss_gb():.2f} GB)")
+    report.stage_peak_gb[name] = _peak_rss_gb()
+    log(f"[{name}] done in {report.stage_seconds[name]:.1f} s (memory now {_rss_gb():.2f} GB, "
+        f"peak so far {report.stage_peak_gb[name]:.2f} GB)")
 
 
 def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: ExportOptions = ExportOptions(),
                   log: Callable[[str], None] = print) -> ExportReport:
-    import torch
+    """Export, validate, and (with ``options.quantize``) quantize: the bundle at ``bundle_dir`` appears only
+    when every step succeeded. With a recipe, the float32 bundle is a temporary directory removed at the end."""
+    from edge_duet.bundle_io import prepare_target
 
     bundle_dir = Path(bundle_dir)
+    info = inspect_checkpoint(checkpoint_dir)
+    check_memory(info, options)
+    if not options.quantize:
+        return _export_fp32(info, bundle_dir, options, log)
+    from edge_duet.quant.quantize import QuantOptions, Recipe, quantize_bundle
+
+    recipe = Recipe.parse(options.quantize)  # a bad recipe fails before any work
+    probe = prepare_target(bundle_dir, options.overwrite)  # the same checks quantize makes, before the long part
+    shutil.rmtree(probe, ignore_errors=True)
+    fp32_dir = bundle_dir.resolve().parent / f".{bundle_dir.name}.fp32-{os.getpid()}"
+    try:
+        report = _export_fp32(info, fp32_dir, dataclasses.replace(options, overwrite=True), log)
+        with _stage(report, f"quantize {recipe}", log):
+            report.quantization = quantize_bundle(fp32_dir, bundle_dir, recipe, QuantOptions(overwrite=options.overwrite),
+                                                  log=log)
+        log(report.quantization.summary())
+    finally:
+        shutil.rmtree(fp32_dir, ignore_errors=True)
+    report.bundle_dir = bundle_dir
+    report.peak_rss_gb = _peak_rss_gb()
+    return report
+
+
+def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
+                 log: Callable[[str], None]) -> ExportReport:
+    """Graph by graph: each part of the model goes to float32 only while its graph is exported (and its PyTorch
+    reference computed), then its weights are released; ONNX Runtime validates after PyTorch is gone."""
+    import torch
+
+    from .validate import Plan, TorchSide, check_onnx
+
     report = ExportReport(bundle_dir=bundle_dir)
     with staged_bundle(bundle_dir, options.overwrite) as tmp:
         with _stage(report, "load", log):
-            model, info = load_model(checkpoint_dir)
+            model, _ = load_model(info.path, dtype=None)  # the checkpoint's own dtype (bf16 for MMDuet2)
         manifest = build_manifest(model, info, options)
-        with torch.no_grad(), _quiet_export():
-            dyn = options.exporter == "dynamo"
-            with _stage(report, "vision", log):
-                manifest.graphs["vision"] = export_vision(model, tmp, options.opset, force_dynamo=dyn)
-            with _stage(report, "embed", log):
-                manifest.graphs["embed"] = export_embed(model, tmp, options.opset, force_dynamo=dyn)
-            with _stage(report, "decoder", log):
-                manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset, force_dynamo=dyn)
-        big = _param_bytes(model) > 2 * BIG_GRAPH
         shutil.copy(info.path / "tokenizer.json", tmp / "tokenizer.json")
         if (info.path / "chat_template.jinja").is_file():
             shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
+        side = TorchSide(Plan(manifest, tmp / "tokenizer.json")) if options.validate else None
+        dyn = options.exporter == "dynamo"
+        lm = model.model.language_model
+        with torch.no_grad(), _quiet_export():
+            with _stage(report, "vision", log):
+                model.model.visual.float()
+                manifest.graphs["vision"] = export_vision(model, tmp, options.opset, force_dynamo=dyn)
+                if side:
+                    side.collect_vision(model)
+                model.model.visual.to("meta")  # released: nothing later needs the vision tower
+                _release_memory()
+            with _stage(report, "embed", log):
+                lm.embed_tokens.float()
+                manifest.graphs["embed"] = export_embed(model, tmp, options.opset, force_dynamo=dyn)
+            with _stage(report, "decoder", log):
+                lm.float()
+                model.lm_head.float()
+                manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset, force_dynamo=dyn)
+            if side:
+                with _stage(report, "reference", log):
+                    side.collect_text(model)
+        del model, lm
+        _release_memory()
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.stat().st_size < SMALL_FILE}
         manifest = _replace(manifest, files=files)
         manifest.save(tmp)
-        if options.validate:
-            from .validate import validate_bundle
-
+        if side:
+            big = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()) > 2 * BIG_GRAPH
             with _stage(report, "validate", log):
-                if big:  # free the model while ONNX Runtime holds the graphs; reload it for the reference
-                    del model
-                    report.validation = validate_bundle(lambda: load_model(checkpoint_dir)[0], tmp, low_memory=True)
-                else:
-                    report.validation = validate_bundle(model, tmp)
+                report.validation = check_onnx(tmp, side, low_memory=big)
             log(report.validation.summary())
         report.peak_rss_gb = _peak_rss_gb()
-        manifest = _replace(manifest, export_info={**manifest.export_info, "peak_rss_gb": round(report.peak_rss_gb, 2),
-                                                   "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
-                                                   "validated": bool(options.validate)})
+        manifest = _replace(manifest, export_info={
+            **manifest.export_info, "peak_rss_gb": round(report.peak_rss_gb, 2),
+            "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
+            "stage_peak_rss_gb": {k: round(v, 2) for k, v in report.stage_peak_gb.items()},
+            "validated": bool(options.validate)})
         manifest.save(tmp)
     return report
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _release_memory() -> None:
+    """Collect, then hand freed heap back to the OS: glibc keeps freed medium-sized blocks (a layer's weights)
+    in its arenas, which would otherwise still count against the next stage."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What an export of a checkpoint needs, from its safetensors headers (no weights read)."""
+
+    params: dict[str, int]  # vision / embed / lm_head / decoder (the layers) -> parameter count
+    checkpoint_bytes: int
+    tied: bool
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    def need_gb(self, validate: bool) -> float:
+        """Estimated peak: the checkpoint in its own dtype with the vision tower in float32; then the language model
+        in float32; then (validating) ONNX Runtime with the float32 decoder and embedding graphs. Plus ~1.5 GB of
+        libraries and activations."""
+        p, f32 = self.params, 4
+        vision_phase = self.checkpoint_bytes + p["vision"] * f32
+        text_phase = (p["embed"] + p["lm_head"] + p["decoder"]) * f32
+        ort_phase = (p["decoder"] + p["embed"] + (p["embed"] if self.tied else p["lm_head"])) * f32
+        need = max(vision_phase, text_phase, ort_phase if validate else 0)
+        return need / 1024**3 * 1.05 + 1.5
+
+
+def memory_plan(info: CheckpointInfo) -> MemoryPlan:
+    params = {"vision": 0, "embed": 0, "lm_head": 0, "decoder": 0}
+    total = 0
+    for f in info.weight_files:
+        for key, (numel, nbytes) in _safetensors_sizes(f).items():
+            total += nbytes
+            part = ("vision" if "visual" in key else "embed" if "embed_tokens" in key
+                    else "lm_head" if "lm_head" in key else "decoder")
+            params[part] += numel
+    tied = bool(info.config.get("tie_word_embeddings", (info.config.get("text_config") or {}).get(
+        "tie_word_embeddings", False)))
+    return MemoryPlan(params=params, checkpoint_bytes=total, tied=tied or params["lm_head"] == 0)
+
+
+def _safetensors_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    import json
+    import math
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (math.prod(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def available_memory_gb() -> float:
+    """MemAvailable, or the cgroup's limit minus its use where that is smaller."""
+    avail = float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, (int(limit) - used) / 1024**3)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_memory(info: CheckpointInfo, options: ExportOptions) -> MemoryPlan:
+    """Refuse, before any work, an export that cannot fit: say what it needs and what to try."""
+    plan = memory_plan(info)
+    have = options.memory_gb if options.memory_gb is not None else available_memory_gb()
+    need = plan.need_gb(options.validate)
+    if need <= have:
+        return plan
+    bparams = plan.total_params / 1e9
+    lm_gb = (plan.params["decoder"] + plan.params["embed"] + plan.params["lm_head"]) * 4 / 1024**3
+    hint = []
+    if options.validate and plan.need_gb(False) <= have:
+        hint.append(f"--no-validate (needs about {plan.need_gb(False):.1f} GB, but skips the check against PyTorch)")
+    hint.append(f"a machine with at least {need:.0f} GB free; close other programs using memory")
+    raise CheckpointError(
+        f"exporting {info.path} ({bparams:.2f} B parameters) needs about {need:.1f} GB of memory: its language model "
+        f"alone is {lm_gb:.1f} GB in float32, which the ONNX graphs are exported in; this machine has {have:.1f} GB "
+        f"available. Try: {'; or '.join(hint)}. A quantized bundle (--quantize cpu or jetson) is small, but it is "
+        "made from the float32 export, so it needs the same memory to make (see docs/3b.md)"
+    )
 
 
 def _replace(manifest: Manifest, **kw) -> Manifest:
@@ -153,13 +320,20 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
 
     tokens = TokenSpec.from_tokenizer(tok.token_to_id, lambda t: CheckpointError(
         f"tokenizer.json of {info.path} lacks the special token {t}"))
-    prompt = info.proactive.prompt(system_prompt=options.system_prompt, frame_interval_s=options.frame_interval_s,
-                                   frames_per_turn=options.frames_per_turn,
-                                   max_context_tokens=options.max_context_tokens)
+    prompt, max_pixels, sources = info.proactive.resolve(preprocess.max_pixels, {
+        "system_prompt": options.system_prompt, "frame_interval_s": options.frame_interval_s,
+        "frames_per_turn": options.frames_per_turn, "max_context_tokens": options.max_context_tokens,
+        "max_pixels": options.max_pixels})
+    stock_max_pixels = preprocess.max_pixels
+    if max_pixels < preprocess.min_pixels:
+        raise CheckpointError(f"a per-frame budget of {max_pixels} pixels is below the checkpoint's minimum "
+                              f"({preprocess.min_pixels}); pass a larger --max-pixels")
+    preprocess = dataclasses.replace(preprocess, max_pixels=max_pixels)
     return Manifest(
         name=options.name or info.path.name, text=text, vision=vision, preprocess=preprocess, tokens=tokens,
-        prompt=prompt, graphs={},
+        prompt=prompt, graphs={}, protocol_sources=sources,
         export_info={
+            "checkpoint_max_pixels": stock_max_pixels,
             "checkpoint": str(info.path), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "edge_duet": edge_duet.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "opset": options.opset,

@@ -5,20 +5,28 @@ positions, the KV cache carried between calls):
 
 1. one frame and a question, prefilled from an empty cache;
 2. two frames of different sizes;
-3. a second turn on top of the cache of case 2 plus a short reply, then greedy decoding.
+3. a short reply (PyTorch's greedy choice, which ONNX must also choose), a second turn on top of the cache of
+   case 2, then greedy decoding.
 
-Every mismatch (max abs logit diff, KV diff, greedy token disagreement) is collected, then one
-:class:`ValidationError` lists them all.
+The two sides never hold the same weights at once, so a model whose float32 copy alone nearly fills the machine
+(the 3B decoder: 12.4 GB) still validates: PyTorch runs first, graph by graph as export writes them (``TorchSide``:
+the vision reference once the vision tower is exported, the full-recompute text reference once the decoder is),
+its outputs are kept (kilobytes to megabytes), the model is freed, and then ONNX Runtime loads the vision graph
+alone, frees it, and loads the embedding and decoder graphs. Every mismatch (max abs logit diff, KV diff, greedy
+token disagreement) is collected, then one :class:`ValidationError` lists them all.
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from edge_duet.errors import ValidationError
+from edge_duet.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -53,138 +61,216 @@ def _frames(rng: np.random.Generator, sizes):
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
-def validate_bundle(model, bundle_dir: str | Path, tol: Tolerance = Tolerance(), seed: int = 0,
-                    decode_steps: int = 4, frame_sizes=((150, 200), (90, 120), (130, 100)),
-                    low_memory: bool = False) -> ValidationReport:
-    """Compare the bundle with PyTorch. ``model`` is the loaded model, or a function that loads it: with
-    ``low_memory`` the ONNX side runs first and is freed before the model is loaded, so the two never share
-    memory (a 3B model in fp32 and its ONNX copy do not fit 24 GB together)."""
-    import gc
+# ----------------------------------------------------------------------------------------------- inputs
 
-    if low_memory:  # a child process gives all of ONNX Runtime's memory back before PyTorch loads the model
-        import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(1) as pool:
-            onnx_side = pool.apply(_run_onnx, (str(bundle_dir), seed, decode_steps, frame_sizes, True))
-    else:
-        onnx_side = _run_onnx(bundle_dir, seed, decode_steps, frame_sizes, low_memory)
-    gc.collect()
-    model = model() if callable(model) and not hasattr(model, "forward") else model
-    return _compare_with_torch(model, onnx_side, bundle_dir, tol, decode_steps)
+class Plan:
+    """The inputs both sides see: frames preprocessed by the runtime's numpy code, dialogues rendered by the
+    runtime's chat renderer. Built from the manifest and tokenizer alone, before any graph exists."""
+
+    CASES = (("one frame", (0,)), ("two frames, two sizes", (1, 2)))
+    REPLY_TOKENS = 3  # case 3: the reply generated before the second turn
+
+    def __init__(self, manifest: Manifest, tokenizer_path: str | Path, seed: int = 0,
+                 frame_sizes=((150, 200), (90, 120), (130, 100)), decode_steps: int = 4):
+        from tokenizers import Tokenizer
+
+        from edge_duet.runtime.chat import ChatRenderer
+        from edge_duet.runtime.preprocess import preprocess_frame
+
+        self.manifest = manifest
+        self.decode_steps = decode_steps
+        self.renderer = ChatRenderer(Tokenizer.from_file(str(tokenizer_path)), manifest.tokens,
+                                     manifest.vision.merge_size)
+        rng = np.random.default_rng(seed)
+        self.pre = [preprocess_frame(f, manifest.preprocess, channels="rgb") for f in _frames(rng, frame_sizes)]
+        self.eos = list(manifest.tokens.eos_ids)
+
+    def first_turn(self, frames: Sequence[int]) -> list:
+        r = self.renderer
+        return (r.system(self.manifest.prompt.system_prompt)
+                + r.user([self.pre[i][1] for i in frames], "What is happening?") + r.assistant_start(None))
+
+    def second_turn(self) -> list:
+        return self.renderer.user([self.pre[0][1]], "And now?") + self.renderer.assistant_start(None)
+
+    def reply_tail(self, stop: int | None) -> list[int]:
+        """What closes the generated reply of case 3: the stop token if there was one, ``<|im_end|>``, ``\\n``."""
+        t = self.manifest.tokens
+        tail = ([stop] if stop in self.eos else []) + ([t.im_end] if stop != t.im_end else [])
+        return tail + list(self.renderer.assistant_end()[0].ids[1:])
+
+    def ids_of(self, pieces) -> list[int]:
+        return [i for p in pieces for i in (p.ids if hasattr(p, "ids") else [self.manifest.tokens.image_pad] * p.num_tokens)]
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch
 
 
 @dataclass
-class _OnnxSide:
-    cases: list  # (name, ids, frame indices, rows, logits, kv layers, ort greedy tokens or None)
-    frames: list  # (index, patches, grid)
-    image_pad: int
-    eos: list
+class _TorchCase:
+    name: str
+    ids: list[int]
+    frames: tuple[int, ...]
+    rows: list[int]
+    logits: np.ndarray
+    kv: list[tuple[np.ndarray, np.ndarray]]
+    reply: list[int] = field(default_factory=list)  # case 3: the generated reply (PyTorch's greedy)
+    stop: int | None = None
+    cont: list[int] | None = None  # case 3: greedy continuation after the second turn
 
 
-def _run_onnx(bundle_dir, seed, decode_steps, frame_sizes, low_memory) -> _OnnxSide:
+@dataclass
+class TorchSide:
+    """PyTorch's outputs for the plan, gathered graph by graph while the weights of that graph are loaded."""
+
+    plan: Plan
+    vision: dict[int, np.ndarray] = field(default_factory=dict)  # frame index -> (tokens, hidden)
+    cases: list[_TorchCase] = field(default_factory=list)
+
+    def collect_vision(self, model) -> None:
+        """Needs the vision tower's weights (float32)."""
+        from .reference import TorchReference
+
+        ref = TorchReference(model, self.plan.manifest.tokens.image_pad)
+        for i, (patches, grid) in enumerate(self.plan.pre):
+            self.vision[i] = ref.image_embeds(i, patches, grid).numpy().copy()
+
+    def collect_text(self, model) -> None:
+        """Needs the language model's weights (float32) and :meth:`collect_vision` done: the full recompute of
+        every case, transformers' own positions (``get_rope_index``) and forward."""
+        import torch
+
+        from .reference import TorchReference, cache_layers
+
+        plan = self.plan
+        ref = TorchReference(model, plan.manifest.tokens.image_pad)
+        for i, (patches, grid) in enumerate(plan.pre):  # the vision tower may be gone by now
+            ref._vision_cache[i] = torch.from_numpy(self.vision[i])
+
+        def frames_of(idx):
+            return [(i, plan.pre[i][0], plan.pre[i][1]) for i in idx]
+
+        def run(name, ids, idx, rows, **extra):
+            out = ref.forward(ids, frames_of(idx), rows=rows)
+            kv = [(k.numpy().copy(), v.numpy().copy()) for k, v in cache_layers(out.cache)]
+            self.cases.append(_TorchCase(name, ids, tuple(idx), rows, out.logits.numpy().copy(), kv, **extra))
+
+        for name, idx in plan.CASES:
+            ids = plan.ids_of(plan.first_turn(idx))
+            run(name, ids, idx, list(range(max(0, len(ids) - 8), len(ids))))
+        ids = self.cases[-1].ids
+        idx = plan.CASES[-1][1]
+        reply, stop = ref.greedy(ids, frames_of(idx), plan.REPLY_TOKENS, plan.eos)
+        turn2 = plan.ids_of(plan.second_turn())
+        prefix = ids + reply + plan.reply_tail(stop)
+        full = prefix + turn2
+        rows = [len(prefix) + i for i in range(max(0, len(turn2) - 8), len(turn2))]
+        full_idx = (*idx, 0)
+        cont, _ = ref.greedy(full, frames_of(full_idx), plan.decode_steps, plan.eos)
+        run("turn on a cache + decode", full, full_idx, rows, reply=reply, stop=stop, cont=cont)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+def check_onnx(bundle_dir: str | Path, torch_side: TorchSide, tol: Tolerance = Tolerance(),
+               low_memory: bool = False) -> ValidationReport:
+    """Drive the bundle's graphs as the runtime does and compare with ``torch_side``. The vision graph is loaded
+    alone and freed before the embedding and decoder graphs are."""
     from edge_duet.runtime.engine import Engine, KVCache
-    from edge_duet.runtime.preprocess import preprocess_frame
-    from edge_duet.runtime.session import Chunk, Session, SessionOptions, assemble
+    from edge_duet.runtime.session import Chunk, assemble
 
-    engine = Engine(bundle_dir, providers="cpu", low_memory=low_memory)
-    session = Session(bundle_dir, SessionOptions(), engine=engine)  # for its renderer and system prompt
-    m = engine.manifest
-    merge = m.vision.merge_size
-    rng = np.random.default_rng(seed)
-    pre = [preprocess_frame(f, m.preprocess, channels="rgb") for f in _frames(rng, frame_sizes)]
-    vis = engine.encode_frames(np.concatenate([p for p, _ in pre]), [g for _, g in pre])
+    plan = torch_side.plan
+    merge = plan.manifest.vision.merge_size
+    engine = Engine(bundle_dir, providers="cpu", low_memory=low_memory, graphs=("vision",))
+    vis = engine.encode_frames(np.concatenate([p for p, _ in plan.pre]), [g for _, g in plan.pre])
+    del engine
+    gc.collect()
     frame_chunks, start = [], 0
-    for p, (t, gh, gw) in pre:
+    for _, (t, gh, gw) in plan.pre:
         n = t * (gh // merge) * (gw // merge)
         frame_chunks.append(Chunk(embeds=vis[start:start + n], grid=(gh // merge, gw // merge)))
         start += n
-    r = session.renderer
-    eos = list(m.tokens.eos_ids)
+    engine = Engine(bundle_dir, providers="cpu", low_memory=low_memory, graphs=("embed", "decoder"))
+    eos = plan.eos
 
     def to_chunks(pieces, frames=()):
         it = iter(frames)
         return [Chunk(ids=tuple(p.ids)) if hasattr(p, "ids") else next(it) for p in pieces]
 
-    def ids_of(chunks):
-        return [i for c in chunks for i in (c.ids if c.embeds is None else [m.tokens.image_pad] * c.num_tokens)]
+    def step(tok, cache, pos):
+        emb, p, pos = assemble(engine, [Chunk(ids=(tok,))], pos)
+        lg, cache = engine.decode(emb, p, cache)
+        return lg[-1], cache, pos
 
-    def kv(cache):
-        return [(k.copy(), v.copy()) for k, v in cache.layers]
-
-    def greedy(logits, cache, pos, steps):
-        out, tok = [], int(np.argmax(logits))
-        while tok not in eos and len(out) < steps:
-            out.append(tok)
-            emb, p, pos = assemble(engine, [Chunk(ids=(tok,))], pos)
-            lg, cache = engine.decode(emb, p, cache)
-            tok = int(np.argmax(lg[-1]))
-        return out, tok, cache, pos
-
-    cases = []
-    # cases 1 and 2: prefill from an empty cache
+    report = ValidationReport()
+    problems: list[str] = []
+    by_name = {c.name: c for c in torch_side.cases}
     state = None
-    for name, frames in (("one frame", [0]), ("two frames, two sizes", [1, 2])):
-        chunks = (to_chunks(r.system(session.system_prompt))
-                  + to_chunks(r.user([pre[i][1] for i in frames], "What is happening?"), [frame_chunks[i] for i in frames])
-                  + to_chunks(r.assistant_start(None)))
-        ids = ids_of(chunks)
+    for name, frames in plan.CASES:
+        ref = by_name[name]
+        chunks = to_chunks(plan.first_turn(frames), [frame_chunks[i] for i in frames])
         emb, pos, end = assemble(engine, chunks, 0)
-        rows = list(range(max(0, len(ids) - 8), len(ids)))
-        logits, cache = engine.decode(emb, pos, KVCache.empty(m), rows)
-        cases.append((name, ids, frames, rows, logits, kv(cache), None))
-        state = (ids, cache, end, logits[-1])
-    # case 3: a short reply (ONNX's own greedy choice), then a new turn on top of the cache, then greedy decoding
-    ids, cache, pos, last = state
-    gen, stop, cache, pos = greedy(last, cache, pos, 3)  # every token of gen is in the cache; stop is not
-    reply = ([stop] if stop in eos else []) + ([m.tokens.im_end] if stop != m.tokens.im_end else [])
-    reply += list(r.assistant_end()[0].ids[1:])
-    emb, p, pos = assemble(engine, [Chunk(ids=tuple(reply))], pos)
+        logits, cache = engine.decode(emb, pos, KVCache.empty(plan.manifest), ref.rows)
+        report.cases.append(_compare(problems, ref, logits, cache, tol))
+        state = (cache, end, logits[-1])
+    # case 3: PyTorch's reply, teacher-forced (ONNX's own greedy choice must be the same), then a new turn
+    ref = by_name["turn on a cache + decode"]
+    cache, pos, last = state
+    chosen = []
+    for tok in ref.reply:
+        chosen.append(int(np.argmax(last)))
+        last, cache, pos = step(tok, cache, pos)
+    chosen.append(int(np.argmax(last)))
+    expected = ref.reply + ([ref.stop] if ref.stop is not None else [])
+    if chosen[:len(expected)] != expected:
+        problems.append(f"{ref.name}: the reply's greedy tokens differ: onnx {chosen} vs torch {expected}")
+    emb, p, pos = assemble(engine, [Chunk(ids=tuple(plan.reply_tail(ref.stop)))], pos)
     _, cache = engine.decode(emb, p, cache)
-    turn2 = to_chunks(r.user([pre[0][1]], "And now?"), [frame_chunks[0]]) + to_chunks(r.assistant_start(None))
-    emb, p, pos = assemble(engine, turn2, pos)
+    emb, p, pos = assemble(engine, to_chunks(plan.second_turn(), [frame_chunks[0]]), pos)
     s = emb.shape[0]
     rows_local = list(range(max(0, s - 8), s))
     logits, cache = engine.decode(emb, p, cache, rows_local)
-    kv_after = kv(cache)
-    cont, _, _, _ = greedy(logits[-1], cache, pos, decode_steps)
-    prefix = ids + gen + reply
-    full_ids = prefix + ids_of(turn2)
-    rows = [len(prefix) + i for i in rows_local]
-    cases.append(("turn on a cache + decode", full_ids, [1, 2, 0], rows, logits, kv_after, cont))
-    frames_ref = [(i, p_, g) for i, (p_, g) in enumerate(pre)]
-    return _OnnxSide(cases=cases, frames=frames_ref, image_pad=m.tokens.image_pad, eos=eos)
-
-
-def _compare_with_torch(model, side: _OnnxSide, bundle_dir, tol: Tolerance, decode_steps: int) -> ValidationReport:
-    from .reference import TorchReference, cache_layers
-
-    ref = TorchReference(model, side.image_pad)
-    report = ValidationReport()
-    problems: list[str] = []
-    for name, ids, frames, rows, logits, kv, cont in side.cases:
-        fr = [side.frames[i] for i in frames]
-        out = ref.forward(ids, fr, rows=rows)
-        ref_logits = out.logits.numpy()
-        dl = float(np.abs(logits - ref_logits).max())
-        dkv = max(float(np.abs(a - b.numpy()).max())
-                  for (k, v), (rk, rv) in zip(kv, cache_layers(out.cache)) for a, b in ((k, rk), (v, rv)))
-        _check(problems, name, dl, dkv, float(np.abs(ref_logits).max()), tol)
-        agree = "-"
-        if cont is not None:
-            ref_cont, _ = ref.greedy(ids, fr, decode_steps, side.eos)
-            same = sum(a == b for a, b in zip(cont, ref_cont))
-            agree = f"{same}/{max(len(cont), len(ref_cont))} tokens equal"
-            if cont != ref_cont:
-                problems.append(f"{name}: greedy tokens differ: onnx {cont} vs torch {ref_cont}")
-        report.cases.append(CaseResult(name, len(ids), dl, dkv, agree))
+    result = _compare(problems, ref, logits, cache, tol)
+    cont, tok = [], int(np.argmax(logits[-1]))
+    while tok not in eos and len(cont) < plan.decode_steps:
+        cont.append(tok)
+        lg, cache, pos = step(tok, cache, pos)
+        tok = int(np.argmax(lg))
+    same = sum(a == b for a, b in zip(cont, ref.cont))
+    result.greedy_agree = f"{same}/{max(len(cont), len(ref.cont))} tokens equal"
+    if cont != ref.cont:
+        problems.append(f"{ref.name}: greedy tokens differ: onnx {cont} vs torch {ref.cont}")
+    report.cases.append(result)
     if problems:
         raise ValidationError(f"the exported graphs in {bundle_dir} disagree with PyTorch:", problems)
     return report
 
 
-def _check(problems: list[str], name: str, dl: float, dkv: float, scale: float, tol: Tolerance) -> None:
+def _compare(problems: list[str], ref: _TorchCase, logits: np.ndarray, cache, tol: Tolerance) -> CaseResult:
+    dl = float(np.abs(logits - ref.logits).max())
+    dkv = max(float(np.abs(a - b).max()) for (k, v), (rk, rv) in zip(cache.layers, ref.kv) for a, b in ((k, rk), (v, rv)))
+    scale = float(np.abs(ref.logits).max())
     limit = tol.logits_atol + tol.logits_rtol * scale
     if not np.isfinite(dl) or dl > limit:
-        problems.append(f"{name}: max abs logit diff {dl:.3g} > {limit:.3g}")
+        problems.append(f"{ref.name}: max abs logit diff {dl:.3g} > {limit:.3g}")
     if not np.isfinite(dkv) or dkv > tol.kv_atol + tol.logits_rtol * scale:
-        problems.append(f"{name}: max abs KV diff {dkv:.3g} > {tol.kv_atol:.3g}")
+        problems.append(f"{ref.name}: max abs KV diff {dkv:.3g} > {tol.kv_atol:.3g}")
+    return CaseResult(ref.name, len(ref.ids), dl, dkv)
+
+
+# ----------------------------------------------------------------------------------------------- one call
+
+
+def validate_bundle(model, bundle_dir: str | Path, tol: Tolerance = Tolerance(), seed: int = 0,
+                    decode_steps: int = 4, frame_sizes=((150, 200), (90, 120), (130, 100)),
+                    low_memory: bool = False) -> ValidationReport:
+    """Compare a finished bundle with a loaded float32 model (tests, re-validation). ``export`` itself gathers
+    the PyTorch side graph by graph while it exports (see the module docstring)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = Manifest.load(bundle_dir)
+    side = TorchSide(Plan(manifest, bundle_dir / manifest.tokenizer, seed, frame_sizes, decode_steps))
+    side.collect_vision(model)
+    side.collect_text(model)
+    return check_onnx(bundle_dir, side, tol, low_memory)
