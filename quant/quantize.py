@@ -46,6 +46,8 @@ from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import BundleError, UsageError, ValidationError
 from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
 
+from .lazy import load_lazy
+
 GRAPHS = ("vision", "embed", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4", "w8-fp16", "int4-fp16", "int4-qdq")
 LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4")
@@ -272,6 +274,8 @@ def gemm_to_matmul(model) -> int:
     W' stored (in, out). Returns the number rewritten. MatMul on a 2-D A is exactly Gemm's product."""
     from onnx import helper, numpy_helper
 
+    from .lazy import tensor_array
+
     inits = {t.name: t for t in model.graph.initializer}
     users: dict[str, int] = {}
     for n in model.graph.node:
@@ -287,7 +291,7 @@ def gemm_to_matmul(model) -> int:
         w_name = n.input[1]
         key = (w_name, bool(attrs.get("transB", 0)))
         if key not in made:
-            w = numpy_helper.to_array(inits[w_name])
+            w = tensor_array(inits[w_name]) if key[1] else None
             w = w.T.copy() if key[1] else w
             made[key] = f"{w_name}_kn" if key[1] else w_name
             if key[1]:
@@ -316,7 +320,9 @@ def find_lm_head(model, vocab_size: int, hidden_size: int) -> str | None:
 
 
 def _graph_bytes(model) -> int:
-    return sum(len(t.raw_data) or 0 for t in model.graph.initializer)
+    from .lazy import stored_bytes
+
+    return stored_bytes(model)
 
 
 # ----------------------------------------------------------------------------------------------- quantizers
@@ -341,6 +347,9 @@ def _quiet():
 def _to_fp16(model, keep_fp32: list[str]):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from .lazy import materialize
+
+    materialize(model)
     # keep_io_types: graph inputs/outputs stay float32, so the runtime, its KV cache and the manifest's
     # tensor specs are the same for every recipe.
     return convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_fp32 or None)
@@ -351,6 +360,9 @@ def _dynamic_int8(model, nodes_to_quantize: list[str] | None, nodes_to_exclude: 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from .lazy import materialize
+
+    materialize(model)
     src, dst = work / "in.onnx", work / "out.onnx"
     big = _graph_bytes(model) > EXTERNAL_DATA_OVER
     _save_model(model, src, external=big)
@@ -370,6 +382,10 @@ def _block_quant(model, bits: int, options: QuantOptions, nodes_to_include: list
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from .lazy import materialize
+
+    if gather:  # the Gather path reads its table whole; MatMul weights are read lazily, one at a time
+        materialize(model)
     q = MatMulNBitsQuantizer(
         model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
         accuracy_level=options.accuracy_level, nodes_to_exclude=nodes_to_exclude, nodes_to_include=nodes_to_include,
@@ -452,6 +468,9 @@ def _save_model(model, path: Path, external: bool | None = None) -> tuple[str, .
     """Save a graph; over ~1.5 GB of weights, into ``<name>.data`` beside it. Returns the external files."""
     import onnx
 
+    from .lazy import materialize
+
+    materialize(model)  # weights a lazy step left on disk (in the source bundle) come along
     external = _graph_bytes(model) > EXTERNAL_DATA_OVER if external is None else external
     if not external:
         onnx.save_model(model, str(path))
@@ -512,7 +531,7 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
                                                   size_bytes=src_bytes, source_size_bytes=src_bytes)
                 continue
             log(f"[{name}] {precision} ...")
-            model = onnx.load(str(src_path))
+            model = load_lazy(src_path)  # weights stay on disk until a quantizer reads them, one at a time
             model, result = quantize_graph(model, name, precision, recipe.lm_head if name == "decoder" else None,
                                            options, work, manifest.text.vocab_size, manifest.text.hidden_size)
             ext = _save_model(model, tmp / spec.path)

@@ -1,0 +1,75 @@
+"""ONNX graphs whose weights stay on disk until a quantizer asks for them.
+
+A 3B decoder holds 12.4 GB of float32 weights in ``decoder.onnx.data``. ``onnx.load`` would copy all of them into
+memory, and ONNX Runtime's quantizers then make further copies: 24 GB is not enough. Here the graph is loaded
+without its external data; each external initializer points at the absolute path of its data file, so ONNX
+Runtime's own block quantizer (which reads weights through ``onnx_ir``, memory-mapped) reads one weight at a time.
+What a step cannot do lazily calls :func:`materialize` first, on a graph that is small by then.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _external(t) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _is_external(t) -> bool:
+    from onnx import TensorProto
+
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def load_lazy(path: str | Path):
+    """The graph at ``path`` with its external initializers left on disk (absolute locations)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    base = path.resolve().parent
+    for t in model.graph.initializer:
+        if _is_external(t):
+            for e in t.external_data:
+                if e.key == "location" and not os.path.isabs(e.value):
+                    e.value = str(base / e.value)
+    return model
+
+
+def tensor_array(t) -> np.ndarray:
+    """An initializer's values, read from its data file when it is external."""
+    from onnx import helper, numpy_helper
+
+    if not _is_external(t):
+        return numpy_helper.to_array(t)
+    info = _external(t)
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        data = np.frombuffer(f.read(count * np.dtype(dtype).itemsize), dtype=dtype)
+    return data.reshape(tuple(t.dims)).copy()
+
+
+def materialize(model) -> None:
+    """Load every external initializer's bytes into the graph (in place), so it is self-contained."""
+    from onnx import TensorProto
+
+    for t in model.graph.initializer:
+        if _is_external(t):
+            arr = tensor_array(t)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = arr.tobytes()
+
+
+def stored_bytes(model) -> int:
+    """Bytes of the initializers, in memory or on disk."""
+    total = 0
+    for t in model.graph.initializer:
+        total += int(_external(t).get("length", 0)) if _is_external(t) else len(t.raw_data)
+    return total
