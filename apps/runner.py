@@ -369,6 +369,8 @@ class Runner:
                 reader.join(1.0)
             if self.speaker is not None:
                 self.speaker.close(finish=self.exit_code == 0 and self.error is None, timeout=15.0)
+            if self.capture.corrupt_frames:  # the first skip was noted as it happened; this is the count "end" holds
+                self.console.note(f"({self.capture.corrupt_frames} undecodable frame(s) skipped in all)")
             self._write_end()
             self.events.close()
             self.console.close()

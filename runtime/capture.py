@@ -28,6 +28,11 @@ from edge_duet.errors import SourceError, UsageError
 
 from .clock import Clock, FrameSampler
 
+# FFmpeg writes a line per damaged packet straight to stderr ("[h264 @ 0x...] error while decoding MB ..."), dozens
+# for one bad stretch of a file; edge-duet counts the frames it skips and says so itself. OpenCV reads this when it
+# first opens a file or stream; a level the user sets (OPENCV_FFMPEG_LOGLEVEL=32 shows FFmpeg's messages) wins.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 
 
@@ -213,7 +218,10 @@ def open_source(spec: SourceSpec, options: CaptureOptions = CaptureOptions()) ->
             if not path.is_file():
                 raise SourceError(f"no video file at {path}. Pass an existing file to --video (mp4, mkv, avi, ...).")
             cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, timeouts)
-            what = f"cannot decode {path}: OpenCV's FFmpeg backend does not read it. Convert it with `ffmpeg -i {path} out.mp4`."
+            what = (f"cannot decode {path}: it is not a video OpenCV's FFmpeg backend can open (a file that is cut off, "
+                    f"e.g. a recording stopped before it was finished, a corrupt file, or not a video at all). "
+                    f"`ffprobe {path}` says what is wrong with it; a video that plays elsewhere can be re-encoded: "
+                    f"`ffmpeg -i {path} -c:v libx264 fixed.mp4`.")
         elif spec.kind == "url":
             scheme = spec.target.split("://", 1)[0].lower() if "://" in spec.target else ""
             if scheme not in URL_SCHEMES:
