@@ -176,3 +176,24 @@ def test_kiosk_page_sends_the_browser_camera_when_the_server_has_none(browser, t
         page.click("#cam")  # stop sending
         assert page.locator("#cam").get_attribute("aria-pressed") == "false"
         page.close()
+
+
+def test_closing_the_controlling_tab_hands_control_to_a_new_one(browser, kiosk):
+    """The old tab is gone: a new tab must not sit in 'watching' with Ask disabled until the 30 s lease ends."""
+    context = browser.new_context()
+    first = context.new_page()
+    first.goto(kiosk + f"/#token={TOKEN}")
+    first.wait_for_function("() => document.getElementById('conn').textContent === 'live'", timeout=15000)
+    first.wait_for_function("() => !document.getElementById('question').disabled", timeout=15000)
+    watcher = context.new_page()  # already open when the controller closes: it takes over at once
+    watcher.goto(kiosk + f"/#token={TOKEN}")
+    watcher.wait_for_function("() => document.getElementById('role').textContent.startsWith('watching')", timeout=15000)
+    first.close(run_before_unload=True)
+    started = time.monotonic()
+    watcher.wait_for_function("() => !document.getElementById('question').disabled", timeout=8000)
+    assert time.monotonic() - started < 8 and watcher.locator("#role").text_content() == ""
+    watcher.close()
+    fresh = context.new_page()  # and a tab opened after both are gone controls from the start
+    fresh.goto(kiosk + f"/#token={TOKEN}")
+    fresh.wait_for_function("() => !document.getElementById('question').disabled", timeout=8000)
+    context.close()

@@ -197,7 +197,25 @@ function startLive() {
 }
 
 // ------------------------------------------------------------------ control
-async function claimControl() {
+// One claim at a time: two in flight (page load and the hello event) would race, the second seeing the first's
+// fresh lease as another screen's.
+let claiming = null, claimAgain = false;
+function claimControl() {
+  if (claiming) {
+    claimAgain = true;
+    return claiming;
+  }
+  claiming = claimOnce().finally(() => {
+    claiming = null;
+    if (claimAgain) {
+      claimAgain = false;
+      claimControl();
+    }
+  });
+  return claiming;
+}
+
+async function claimOnce() {
   const r = await api("POST", "/api/control", undefined, undefined,
                       state.watcherId !== null ? { "X-Edge-Duet-Watcher": String(state.watcherId) } : {});
   if (r.ok) {
