@@ -42,7 +42,7 @@ def handle_errors(fn: F) -> F:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except ModuleNotFoundError as exc:
-            known = missing_extra(exc, _command_name())
+            known = missing_extra(exc, _command_name(fn))
             if known is None:
                 raise
             typer.echo(f"error: {known}", err=True)
@@ -59,11 +59,12 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _command_name() -> str:
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    return ctx.info_name if ctx is not None and ctx.info_name else "this command"
+def _command_name(fn: Callable) -> str:
+    """``export_cmd`` -> ``export``, ``train_demo`` -> ``train-demo``: the command modules name functions so."""
+    name = fn.__name__
+    for suffix in ("_command", "_cmd"):
+        name = name.removesuffix(suffix)
+    return name.replace("_", "-")
 
 
 def default_model_dir() -> Path:
