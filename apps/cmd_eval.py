@@ -50,12 +50,12 @@ def eval_command(
     from edge_duet.eval.report import format_table, warnings
 
     check_omega(omega)
-    check_file(json_out, "--json", "report.json")
-    check_dir(plots, "--plots")
     if plots is not None:  # fail before judging, not after
         from edge_duet.errors import require
 
         require("matplotlib", "plots", "--plots")
+    check_file(json_out, "--json", "report.json")
+    check_dir(plots, "--plots")
     the_judge = make_judge(judge, timeout_s=judge_timeout, max_workers=judge_workers)
     gold_examples = load_gold(gold, default_subset=subset)
     predictions = load_predictions(pred)

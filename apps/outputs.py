@@ -30,12 +30,15 @@ def _first_existing(path: Path) -> Path:
 
 
 def _probe_writable(folder: Path, flag: str, shown: Path) -> None:
-    """Create the missing folders up to ``folder`` and a probe file in it; raise :class:`OutputError` if either fails.
+    """Create the missing folders up to ``folder`` and a probe file in it, then remove both; raise
+    :class:`OutputError` if that fails. Nothing is left behind: the writer creates the folders when it writes.
 
     Actually writing is the only check that holds as root and on read-only mounts (``os.access`` says yes to both)."""
     existing = _first_existing(folder)
     if not existing.is_dir():
         raise OutputError(f"{flag} {shown}: {existing} is a file, not a folder. Give a path in a folder.")
+    folder = folder.absolute()
+    created = [p for p in (folder, *folder.parents) if p.is_relative_to(existing) and p != existing]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".edge-duet-probe-", dir=folder)
@@ -46,6 +49,10 @@ def _probe_writable(folder: Path, flag: str, shown: Path) -> None:
         raise OutputError(
             f"{flag} {shown}: cannot write in {folder} ({reason}). Give a path in a folder you can write to."
         ) from None
+    finally:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def check_file(path: Path | None, flag: str, example: str = "out.jsonl") -> Path | None:

@@ -503,7 +503,7 @@ class Runner:
             "turns": self.turns, "replies": self.replies, "dropped_frames": self.sampler.dropped_frames,
             "missed_samples": self.sampler.missed_samples, "corrupt_frames": self.capture.corrupt_frames,
             "reconnects": self.capture.reconnects, "max_lag_s": round(max(self.lags_s, default=0.0), 4),
-            "speech_failures": self.speaker.failed if self.speaker is not None else 0,
+            "speech_failures": getattr(self.speaker, "failed", 0),
         })
 
 

@@ -281,6 +281,7 @@ class Speaker:
                 self._turn_off(f"cannot write {kept}: {exc.strerror or exc}")
                 return
             self.files.append(kept)
+            wav = kept
         if self.player is None:
             self._tell_no_device()
             self.spoken += 1

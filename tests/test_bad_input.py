@@ -101,6 +101,14 @@ def test_run_output_paths_are_checked_before_the_run(home, flag, target, phrase)
     assert snapshot(home) == before
 
 
+def test_a_checked_output_path_leaves_no_folder_behind_when_the_run_fails_later(home):
+    before = snapshot(home)
+    proc = edge_duet("run", "--video", "missing.mp4", "--events", "new/deeper/e.jsonl", "--audio-dir", "wavs", cwd=home)
+    assert_fails(proc, SourceError.exit_code, "no video file")
+    assert not (home / "new").exists() and not (home / "wavs").exists()
+    assert snapshot(home) == before
+
+
 def test_infer_output_is_checked_first_and_a_failed_infer_keeps_the_old_file(home, examples):
     before = snapshot(home)
     assert_fails(edge_duet("infer", str(examples), "-o", "results", cwd=home), UsageError.exit_code, "is a folder")
