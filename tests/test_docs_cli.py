@@ -260,6 +260,21 @@ def test_the_help_checker_catches_a_flag_the_command_lacks():
     assert any("mentions --model" in p for p in problems) and any("--nope" in p for p in problems), problems
 
 
+def test_every_exit_code_is_in_the_table_of_docs_run_md():
+    import edge_duet.apps.assistant  # noqa: F401 - AssistantBusy and AssistantClosed
+    from edge_duet.errors import EdgeDuetError
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    table = (ROOT / "docs" / "run.md").read_text(encoding="utf-8").split("## Exit codes", 1)[1]
+    rows = {int(code) for row in re.findall(r"^\| ([\d /]+) \|", table, re.M) for code in row.split("/")}
+    codes = {cls.exit_code for cls in subclasses(EdgeDuetError)}
+    assert codes - rows == set(), f"exit codes missing from docs/run.md: {sorted(codes - rows)}"
+
+
 # ------------------------------------------------------------------ run as written
 @pytest.mark.parametrize("script", [p for p in SCRIPTS if doc_commands(p)], ids=lambda p: p.name)
 def test_scripts_find_edge_duet_in_the_venv_without_activation(script):
