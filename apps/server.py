@@ -302,9 +302,12 @@ def watcher_header(request: Request) -> int | None:
     value = request.headers.get(WATCHER_HEADER)
     if value is None:
         return None
-    if not value.isdigit() or int(value) not in _hub(request).watchers:
+    if not value.isdigit():
         raise ApiError(400, "bad_watcher", "X-Edge-Duet-Watcher must be the id of this page's open /api/events "
                                            "connection (its 'hello' event says it).")
+    if int(value) not in _hub(request).watchers:  # a state conflict, e.g. the connection closed a moment ago
+        raise ApiError(409, "no_watcher", f"no /api/events connection {value} is open; reconnect and use the id "
+                                          "of the new one's 'hello' event.")
     return int(value)
 
 
