@@ -368,6 +368,100 @@ def load_model(path: str | Path, dtype: str | None = "float32"):
     return model, info
 
 
+class PartLoader:
+    """The model with no weights loaded, filled one part at a time in float32 straight from the safetensors files.
+
+    ``load_model`` gives every weight at once (transformers keeps the checkpoint's tensors alive until the last
+    one is released: converting a part to float32 then holds both copies). Export needs one part at a time: the
+    vision tower (0.67 B parameters at 3B), then the language model (3.1 B: 12.4 GB in float32). ``load(part)``
+    reads exactly that part's tensors, each converted as it is read; ``release(part)`` gives them back.
+    Checkpoint keys may use the hub's names (``visual.*``, ``model.layers.*``) or transformers 5's
+    (``model.visual.*``, ``model.language_model.*``).
+    """
+
+    PARTS = {"vision": ("model.visual.",), "embed": ("model.language_model.embed_tokens.",),
+             "text": ("model.language_model.", "lm_head.")}
+
+    def __init__(self, info: "CheckpointInfo"):
+        torch = _require_torch()
+        from safetensors import safe_open
+        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+        self.info = info
+        try:
+            config = AutoConfig.from_pretrained(info.path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {info.path / 'config.json'}: {exc}") from exc
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        # the rotary tables are computed buffers, not weights: build them for real
+        visual, lm = model.model.visual, model.model.language_model
+        visual.rotary_pos_emb = type(visual.rotary_pos_emb)(config.vision_config)
+        lm.rotary_emb = type(lm.rotary_emb)(config=lm.config)
+        self.model = model.eval()
+        self.tied = model.lm_head.weight is lm.embed_tokens.weight
+        self._files = {}
+        for f in info.weight_files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self._files[k] = f
+
+    def _key(self, name: str) -> str | None:
+        for k in (name, name.replace("model.language_model.", "model.", 1), name.replace("model.visual.", "visual.", 1)):
+            if k in self._files:
+                return k
+        return None
+
+    def _names(self, part: str) -> list[str]:
+        prefixes = self.PARTS[part]
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False) if n.startswith(prefixes)]
+        if part == "text":  # the embedding table is its own part (and, tied, the head's weight)
+            names = [n for n in names if not n.startswith(self.PARTS["embed"])]
+            if self.tied:
+                names = [n for n in names if n != "lm_head.weight"]
+        return names
+
+    def load(self, part: str) -> None:
+        torch = _require_torch()
+        from safetensors import safe_open
+
+        names = self._names(part)
+        missing = [n for n in names if self._key(n) is None]
+        if missing:
+            raise CheckpointError(f"{self.info.path}: weights disagree with config.json: {len(missing)} missing "
+                                  f"(e.g. {missing[:3]})")
+        handles = {}
+        wrong = []
+        try:
+            for n in names:
+                key = self._key(n)
+                f = self._files[key]
+                if f not in handles:
+                    handles[f] = safe_open(str(f), framework="pt").__enter__()
+                t = handles[f].get_tensor(key).to(torch.float32)
+                module_name, _, attr = n.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                if tuple(t.shape) != tuple(module._parameters[attr].shape):
+                    wrong.append(f"{key} {tuple(t.shape)} != {tuple(module._parameters[attr].shape)}")
+                    continue
+                module._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+        if wrong:
+            raise CheckpointError(f"{self.info.path}: weights disagree with config.json: {len(wrong)} of the wrong "
+                                  f"shape (e.g. {wrong[:3]})")
+        if part == "embed" and self.tied:
+            self.model.lm_head.weight = self.model.model.language_model.embed_tokens.weight
+
+    def release(self, part: str) -> None:
+        """Back to no weights (meta) for the part's parameters."""
+        for n in self._names(part):
+            module_name, _, attr = n.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            module._parameters[attr] = module._parameters[attr].to("meta")
+
+
 def _require_torch():
     from edge_duet.errors import require
 

@@ -25,7 +25,7 @@ from edge_duet.manifest import (
     GraphSpec, Manifest, PreprocessSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
 )
 
-from .checkpoint import CheckpointInfo, inspect_checkpoint, load_model
+from .checkpoint import CheckpointInfo, PartLoader, inspect_checkpoint
 
 TWO_GB = 2 * 1024**3
 SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest
@@ -125,33 +125,34 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
     report = ExportReport(bundle_dir=bundle_dir)
     with staged_bundle(bundle_dir, options.overwrite) as tmp:
         with _stage(report, "load", log):
-            model, _ = load_model(info.path, dtype=None)  # the checkpoint's own dtype (bf16 for MMDuet2)
+            parts = PartLoader(info)  # the model with no weights yet: each part is read when its graph is made
+        model = parts.model
         manifest = build_manifest(model, info, options)
         shutil.copy(info.path / "tokenizer.json", tmp / "tokenizer.json")
         if (info.path / "chat_template.jinja").is_file():
             shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
         side = TorchSide(Plan(manifest, tmp / "tokenizer.json")) if options.validate else None
         dyn = options.exporter == "dynamo"
-        lm = model.model.language_model
         with torch.no_grad(), _quiet_export():
             with _stage(report, "vision", log):
-                model.model.visual.float()
+                parts.load("vision")
                 manifest.graphs["vision"] = export_vision(model, tmp, options.opset, force_dynamo=dyn)
                 if side:
                     side.collect_vision(model)
-                model.model.visual.to("meta")  # released: nothing later needs the vision tower
+                parts.release("vision")  # nothing later needs the vision tower
                 _release_memory()
             with _stage(report, "embed", log):
-                lm.embed_tokens.float()
+                parts.load("embed")
                 manifest.graphs["embed"] = export_embed(model, tmp, options.opset, force_dynamo=dyn)
+                _release_memory()
             with _stage(report, "decoder", log):
-                lm.float()
-                model.lm_head.float()
+                parts.load("text")
                 manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset, force_dynamo=dyn)
+                _release_memory()
             if side:
                 with _stage(report, "reference", log):
                     side.collect_text(model)
-        del model, lm
+        del model, parts
         _release_memory()
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.stat().st_size < SMALL_FILE}
         manifest = _replace(manifest, files=files)
@@ -179,6 +180,9 @@ def _release_memory() -> None:
     in its arenas, which would otherwise still count against the next stage."""
     import ctypes
 
+    import torch
+
+    torch._dynamo.reset()  # the dynamo exporter's caches hold the traced module (and so its weights)
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -40,14 +40,15 @@ def load_lazy(path: str | Path):
     return model
 
 
-def tensor_array(t) -> np.ndarray:
-    """An initializer's values, read from its data file when it is external."""
+def tensor_array(t, dtype=None) -> np.ndarray:
+    """An initializer's values, read from its data file when it is external (``dtype``: the stored type, where a
+    tool already changed ``data_type``)."""
     from onnx import helper, numpy_helper
 
     if not _is_external(t):
         return numpy_helper.to_array(t)
     info = _external(t)
-    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    dtype = dtype or helper.tensor_dtype_to_np_dtype(t.data_type)
     count = int(np.prod(t.dims)) if len(t.dims) else 1
     with open(info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
@@ -73,3 +74,43 @@ def stored_bytes(model) -> int:
     for t in model.graph.initializer:
         total += int(_external(t).get("length", 0)) if _is_external(t) else len(t.raw_data)
     return total
+
+
+def to_fp16(model, node_block_list: list[str]):
+    """ONNX Runtime's ``convert_float_to_float16`` (graph I/O kept float32) on a lazy graph, one weight at a time.
+
+    That function reads every weight it converts. So each external float32 weight that it would convert (every
+    consumer is a float16 node: not blocked by name or op type, not an input that must stay float) is converted
+    here first, read from disk with the same conversion function and clamping, and so passes through it as already
+    float16; weights only blocked nodes use stay on disk; any other external weight is loaded as it is.
+    """
+    from onnx import TensorProto
+    from onnx.shape_inference import infer_shapes
+    from onnxruntime.transformers.float16 import (
+        ALWAYS_FLOAT_INPUTS, DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16,
+    )
+
+    model = infer_shapes(model)  # as the converter would, while every weight is still typed float32
+    blocked = set(node_block_list or ())
+    uses: dict[str, list[bool]] = {}  # initializer -> per consumer: does it stay float32 there?
+    for n in model.graph.node:
+        stays = n.op_type in DEFAULT_OP_BLOCK_LIST or n.name in blocked
+        for i, name in enumerate(n.input):
+            uses.setdefault(name, []).append(stays or i in ALWAYS_FLOAT_INPUTS.get(n.op_type, ()))
+    for t in model.graph.initializer:
+        if not (_is_external(t) and t.data_type == TensorProto.FLOAT):
+            continue
+        kinds = uses.get(t.name, [])
+        if kinds and not any(kinds):
+            half = convert_np_to_float16(tensor_array(t))  # convert_float_to_float16's own defaults
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.data_type = TensorProto.FLOAT16
+            t.raw_data = half.astype(np.float16).tobytes()
+        elif not all(kinds):  # read whole by the converter
+            arr = tensor_array(t)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = arr.tobytes()
+    return convert_float_to_float16(model, keep_io_types=True, node_block_list=node_block_list or None,
+                                    disable_shape_infer=True)

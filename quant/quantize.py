@@ -345,14 +345,11 @@ def _quiet():
 
 
 def _to_fp16(model, keep_fp32: list[str]):
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from .lazy import to_fp16
 
-    from .lazy import materialize
-
-    materialize(model)
     # keep_io_types: graph inputs/outputs stay float32, so the runtime, its KV cache and the manifest's
-    # tensor specs are the same for every recipe.
-    return convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_fp32 or None)
+    # tensor specs are the same for every recipe. Weights still on disk are converted one at a time.
+    return to_fp16(model, keep_fp32)
 
 
 def _dynamic_int8(model, nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str], per_channel: bool,

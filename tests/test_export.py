@@ -196,3 +196,42 @@ def test_vision_graph_handles_many_frame_sizes(tiny_bundle):
     emb = e.encode_frames(patches, grids)
     assert emb.shape == (sum(t * h * w for t, h, w in grids) // 4, e.manifest.text.hidden_size)
     assert np.isfinite(emb).all()
+
+
+@pytest.mark.parametrize("shape,flat", [("tiny", True), ("tiny-mha", False)])
+def test_part_loader_gives_transformers_weights(tmp_path, shape, flat):
+    # export builds the model part by part from the safetensors files (to fit a 3B in 16 GB); its weights and
+    # buffers must be exactly what transformers' from_pretrained gives, hub (flat) and transformers-5 key names alike
+    from edge_duet.export.checkpoint import PartLoader, inspect_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "c", shape, seed=4, init_std=0.1, dtype="bfloat16", flat_config=flat)
+    ref, _ = load_model(ckpt)  # float32
+    parts = PartLoader(inspect_checkpoint(ckpt))
+    for part in ("vision", "embed", "text"):
+        parts.load(part)
+    got = dict(parts.model.named_parameters(remove_duplicate=False))
+    want = dict(ref.named_parameters(remove_duplicate=False))
+    assert got.keys() == want.keys()
+    for name, p in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], p), name
+    for (name, b), (_, rb) in zip(parts.model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, rb), name
+    assert (parts.model.lm_head.weight is parts.model.model.language_model.embed_tokens.weight) == (shape == "tiny")
+    parts.release("vision")
+    assert all(p.is_meta for p in parts.model.model.visual.parameters())
+    assert not any(p.is_meta for p in parts.model.model.language_model.parameters())
+
+
+def test_part_loader_reports_missing_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from edge_duet.export.checkpoint import PartLoader, inspect_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "c", "tiny", seed=4)
+    weights = load_file(ckpt / "model.safetensors")
+    dropped = [k for k in weights if "layers.1.mlp" in k]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, ckpt / "model.safetensors", metadata={"format": "pt"})
+    parts = PartLoader(inspect_checkpoint(ckpt))
+    parts.load("vision")
+    with pytest.raises(CheckpointError, match="3 missing"):
+        parts.load("text")

@@ -49,7 +49,7 @@ def test_lazy_loading_reads_no_weights_until_asked(external_bundle):
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-@pytest.mark.parametrize("recipe", ["cpu", "int4", "trt-int4"])
+@pytest.mark.parametrize("recipe", ["cpu", "int4", "trt-int4", "jetson", "fp16", "vision=fp16,embed=fp32,decoder=int4-fp16,lm_head=fp32"])
 def test_lazy_quantization_equals_in_memory_quantization(tiny_bundle, external_bundle, tmp_path, recipe):
     opts = QuantOptions(check=False)
     a = tmp_path / "in-memory"
