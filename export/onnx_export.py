@@ -44,6 +44,7 @@ class ExportOptions:
     name: str | None = None
     exporter: str = "auto"  # auto: TorchScript for small graphs, dynamo for graphs over ~1.5 GB; or "dynamo"
     quantize: str | None = None  # a quant recipe: the bundle written is the quantized one (see quant/quantize.py)
+    isolate: bool | None = None  # each graph in a child process (None: when a graph's weights pass ~1.5 GB)
     memory_gb: float | None = None  # memory the export may use (None: what the machine has available now)
 
 
@@ -116,48 +117,45 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
 
 def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
                  log: Callable[[str], None]) -> ExportReport:
-    """Graph by graph: each part of the model goes to float32 only while its graph is exported (and its PyTorch
-    reference computed), then its weights are released; ONNX Runtime validates after PyTorch is gone."""
-    import torch
-
+    """Graph by graph: each part of the model is read in float32 only while its graph is exported (and its PyTorch
+    reference computed), then released. A model whose graphs pass ~1.5 GB does each part in a child process, so
+    every byte PyTorch and the exporter held goes back to the system before the next part; ONNX Runtime validates
+    after PyTorch is gone."""
     from .validate import Plan, TorchSide, check_onnx
 
     report = ExportReport(bundle_dir=bundle_dir)
     with staged_bundle(bundle_dir, options.overwrite) as tmp:
         with _stage(report, "load", log):
             parts = PartLoader(info)  # the model with no weights yet: each part is read when its graph is made
-        model = parts.model
-        manifest = build_manifest(model, info, options)
+        manifest = build_manifest(parts.model, info, options)
         shutil.copy(info.path / "tokenizer.json", tmp / "tokenizer.json")
         if (info.path / "chat_template.jinja").is_file():
             shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
-        side = TorchSide(Plan(manifest, tmp / "tokenizer.json")) if options.validate else None
-        dyn = options.exporter == "dynamo"
-        with torch.no_grad(), _quiet_export():
-            with _stage(report, "vision", log):
-                parts.load("vision")
-                manifest.graphs["vision"] = export_vision(model, tmp, options.opset, force_dynamo=dyn)
-                if side:
-                    side.collect_vision(model)
-                parts.release("vision")  # nothing later needs the vision tower
-                _release_memory()
-            with _stage(report, "embed", log):
-                parts.load("embed")
-                manifest.graphs["embed"] = export_embed(model, tmp, options.opset, force_dynamo=dyn)
-                _release_memory()
-            with _stage(report, "decoder", log):
-                parts.load("text")
-                manifest.graphs["decoder"] = export_decoder(model, tmp, options.opset, force_dynamo=dyn)
-                _release_memory()
-            if side:
-                with _stage(report, "reference", log):
-                    side.collect_text(model)
-        del model, parts
+        isolate = options.isolate if options.isolate is not None else memory_plan(info).largest_graph_bytes > BIG_GRAPH
+        job = _PartJob(str(info.path), str(tmp), options.opset, options.exporter == "dynamo", manifest,
+                       options.validate)
+        vision = None
+        cases = None
+        for part in ("vision", "embed", "decoder"):
+            with _stage(report, part, log):
+                if isolate:
+                    spec, payload, child_peak = _in_child(job.run, part, vision)
+                    report.stage_peak_gb[f"{part} (child)"] = child_peak
+                    log(f"[{part}] child process peak memory {child_peak:.2f} GB")
+                else:
+                    spec, payload, _ = job.run(part, vision, parts)
+            manifest.graphs[part] = spec
+            if part == "vision":
+                vision = payload
+            elif part == "decoder":
+                cases = payload
+        del parts
         _release_memory()
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.stat().st_size < SMALL_FILE}
         manifest = _replace(manifest, files=files)
         manifest.save(tmp)
-        if side:
+        if options.validate:
+            side = TorchSide(Plan(manifest, tmp / "tokenizer.json"), vision=vision, cases=cases)
             big = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()) > 2 * BIG_GRAPH
             with _stage(report, "validate", log):
                 report.validation = check_onnx(tmp, side, low_memory=big)
@@ -170,6 +168,60 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
             "validated": bool(options.validate)})
         manifest.save(tmp)
     return report
+
+
+@dataclass(frozen=True)
+class _PartJob:
+    """Export one part's graph and gather its PyTorch reference: in this process, or in a child (picklable)."""
+
+    checkpoint: str
+    out: str
+    opset: int
+    dynamo: bool
+    manifest: Manifest
+    validate: bool
+
+    def run(self, part: str, vision: dict | None, parts: PartLoader | None = None):
+        """(GraphSpec, reference payload, this process's peak RSS in GB). ``parts``: the loader to use (None: a
+        fresh one, in a child process)."""
+        import torch
+
+        from .validate import Plan, TorchSide
+
+        parts = parts or PartLoader(inspect_checkpoint(self.checkpoint))
+        model, out = parts.model, Path(self.out)
+        side = TorchSide(Plan(self.manifest, out / "tokenizer.json"), vision=dict(vision or {})) if self.validate else None
+        payload = None
+        with torch.no_grad(), _quiet_export():
+            if part == "vision":
+                parts.load("vision")
+                spec = export_vision(model, out, self.opset, force_dynamo=self.dynamo)
+                if side:
+                    side.collect_vision(model)
+                    payload = side.vision
+                parts.release("vision")  # nothing later needs the vision tower
+            elif part == "embed":
+                parts.load("embed")
+                spec = export_embed(model, out, self.opset, force_dynamo=self.dynamo)
+            else:
+                if parts.model.model.language_model.embed_tokens.weight.is_meta:
+                    parts.load("embed")  # the head's weight when tied, and the reference's embedding
+                parts.load("text")
+                spec = export_decoder(model, out, self.opset, force_dynamo=self.dynamo)
+                _release_memory()
+                if side:
+                    side.collect_text(model)
+                    payload = side.cases
+        _release_memory()
+        return spec, payload, _peak_rss_gb()
+
+
+def _in_child(fn, *args):
+    """``fn(*args)`` in a fresh process (spawned: no copy of this one's memory); its exceptions come back here."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, args)
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -201,6 +253,11 @@ class MemoryPlan:
     @property
     def total_params(self) -> int:
         return sum(self.params.values())
+
+    @property
+    def largest_graph_bytes(self) -> int:
+        p = self.params
+        return 4 * max(p["vision"], p["embed"], p["decoder"] + (p["embed"] if self.tied else p["lm_head"]))
 
     def need_gb(self, validate: bool) -> float:
         """Estimated peak: the checkpoint in its own dtype with the vision tower in float32; then the language model
