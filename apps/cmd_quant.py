@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
+from edge_duet.quant.quantize import PRECISIONS, PRESETS
+
 from .common import eprint, handle_errors
+from .outputs import atomic_path, check_file
 
 
 def register(app: typer.Typer) -> None:
@@ -23,8 +26,8 @@ def quantize_command(
     out: Path = typer.Argument(..., help="New bundle directory to write."),
     recipe: str = typer.Option(
         ..., "--recipe", "-r",
-        help="A preset (fp16, int8, w8, int4, int4-text, cpu, jetson) or per-graph precisions, e.g. "
-             "'vision=fp16,embed=fp32,decoder=int4,lm_head=fp32' (fp32 fp16 int8 w8 int4 w8-fp16 int4-fp16)."),
+        help=f"A preset ({', '.join(PRESETS)}) or per-graph precisions, e.g. "
+             f"'vision=fp16,embed=fp32,decoder=int4,lm_head=fp32' ({' '.join(PRECISIONS)})."),
     block_size: int = typer.Option(32, "--block-size", help="Block size of w8/int4 weights (16-256, power of 2)."),
     accuracy_level: int = typer.Option(
         4, "--accuracy-level", help="MatMulNBits compute on CPU: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8."),
@@ -72,6 +75,9 @@ def compare_command(
         from edge_duet.errors import require
 
         require("matplotlib", "plots", "--plot")
+        check_file(plot, "--plot", "compare.png")
+    if json_out is not None and str(json_out) != "-":
+        check_file(json_out, "--json", "compare.json")
     report = compare_bundles(
         bundle_a, bundle_b, benchmark,
         CompareOptions(dialogues=dialogues, turns=turns, probe_turns=probe_turns, probe_tokens=probe_tokens,
@@ -84,10 +90,12 @@ def compare_command(
     else:
         typer.echo(format_table(report))
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(data + "\n")
+            with atomic_path(json_out) as tmp:
+                tmp.write_text(data + "\n")
     if plot is not None:
-        eprint(f"plot: {plot_report(report, plot)}")
+        with atomic_path(plot) as tmp:
+            plot_report(report, tmp)
+        eprint(f"plot: {plot}")
 
 
 @handle_errors

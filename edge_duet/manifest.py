@@ -184,6 +184,11 @@ class Manifest:
         if data.get("format") != FORMAT_NAME:
             raise BundleError(f"{where} is not an edge-duet bundle manifest (format={data.get('format')!r}).")
         version = data.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise BundleError(
+                f"{where} has bundle format version {version}, made by a newer edge-duet; this one reads version "
+                f"{FORMAT_VERSION}. Upgrade: pip install -U edge-duet"
+            )
         if version != FORMAT_VERSION:
             raise BundleError(
                 f"{where} has bundle format version {version}; this edge-duet reads version {FORMAT_VERSION}. "

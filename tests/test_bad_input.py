@@ -219,7 +219,7 @@ def test_a_checkpoint_given_as_model_says_to_export_it_elsewhere(home):
 
 
 @pytest.mark.parametrize("damage, phrase", [
-    ("newer", "version 99"),
+    ("newer", "version 99, made by a newer edge-duet"),
     ("manifest", "not JSON"),
     ("tokenizer", "tokenizer.json"),
     ("missing", "decoder.onnx"),
