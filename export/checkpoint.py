@@ -454,6 +454,23 @@ class PartLoader:
         if part == "embed" and self.tied:
             self.model.lm_head.weight = self.model.model.language_model.embed_tokens.weight
 
+    def read(self, param) -> "np.ndarray":
+        """One weight, as float32 numpy, read from the checkpoint for a (meta) parameter of the model: how a
+        streamed export writes weights without loading the part."""
+        from safetensors import safe_open
+
+        if not hasattr(self, "_param_names"):
+            self._param_names = {}
+            for n, p in self.model.named_parameters(remove_duplicate=False):
+                self._param_names.setdefault(id(p), []).append(n)
+        for n in self._param_names.get(id(param), ()):
+            key = self._key(n)
+            if key is not None:
+                with safe_open(str(self._files[key]), framework="pt") as h:
+                    return h.get_tensor(key).float().numpy()
+        raise CheckpointError(f"{self.info.path}: no weight in the checkpoint for parameter "
+                              f"{self._param_names.get(id(param), ['?'])[0]}")
+
     def release(self, part: str) -> None:
         """Back to no weights (meta) for the part's parameters."""
         for n in self._names(part):

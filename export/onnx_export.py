@@ -133,10 +133,11 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
             shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
         isolate = options.isolate if options.isolate is not None else memory_plan(info).largest_graph_bytes > BIG_GRAPH
         job = _PartJob(str(info.path), str(tmp), options.opset, options.exporter == "dynamo", manifest,
-                       options.validate)
+                       options.validate, stream=isolate)
         vision = None
         cases = None
-        for part in ("vision", "embed", "decoder"):
+        steps = ("vision", "embed", "decoder") + (("reference",) if isolate and options.validate else ())
+        for part in steps:
             with _stage(report, part, log):
                 if isolate:
                     spec, payload, child_peak = _in_child(job.run, part, vision)
@@ -144,10 +145,11 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
                     log(f"[{part}] child process peak memory {child_peak:.2f} GB")
                 else:
                     spec, payload, _ = job.run(part, vision, parts)
-            manifest.graphs[part] = spec
+            if spec is not None:
+                manifest.graphs[part] = spec
             if part == "vision":
                 vision = payload
-            elif part == "decoder":
+            elif payload is not None:
                 cases = payload
         del parts
         _release_memory()
@@ -180,6 +182,7 @@ class _PartJob:
     dynamo: bool
     manifest: Manifest
     validate: bool
+    stream: bool = False  # the decoder's weights streamed into its graph; its reference is then its own part
 
     def run(self, part: str, vision: dict | None, parts: PartLoader | None = None):
         """(GraphSpec, reference payload, this process's peak RSS in GB). ``parts``: the loader to use (None: a
@@ -203,15 +206,21 @@ class _PartJob:
             elif part == "embed":
                 parts.load("embed")
                 spec = export_embed(model, out, self.opset, force_dynamo=self.dynamo)
-            else:
+            elif part == "decoder" and self.stream:  # weights read one at a time while they are written
+                spec = export_decoder(model, out, self.opset, force_dynamo=True, weights=parts.read)
+            elif part == "decoder" or part == "reference":
                 if parts.model.model.language_model.embed_tokens.weight.is_meta:
                     parts.load("embed")  # the head's weight when tied, and the reference's embedding
                 parts.load("text")
-                spec = export_decoder(model, out, self.opset, force_dynamo=self.dynamo)
-                _release_memory()
-                if side:
+                spec = None
+                if part == "decoder":
+                    spec = export_decoder(model, out, self.opset, force_dynamo=self.dynamo)
+                    _release_memory()
+                if side and (part == "reference" or not self.stream):
                     side.collect_text(model)
                     payload = side.cases
+            else:
+                raise ValueError(f"unknown part {part!r}")
         _release_memory()
         return spec, payload, _peak_rss_gb()
 
@@ -409,7 +418,7 @@ BIG_GRAPH = 1536 * 1024**2  # graphs whose weights pass this take the memory-fru
 
 
 def _torch_export(graph, args, path: Path, input_names, output_names, dynamic_axes: dict, arg_groups=None,
-                  opset: int = 18, force_dynamo: bool = False) -> tuple[str, ...]:
+                  opset: int = 18, force_dynamo: bool = False, weights=None) -> tuple[str, ...]:
     """Export ``graph`` to ``path``; returns the external-data files written beside it.
 
     Small graphs go through the TorchScript exporter (fast, one self-contained file). Graphs over ~1.5 GB go
@@ -418,9 +427,18 @@ def _torch_export(graph, args, path: Path, input_names, output_names, dynamic_ax
     in memory, which does not fit a 24 GB machine for the 3B decoder. (Batch is then fixed to 1, which is all
     the runtime uses.) ``arg_groups`` tells how ``args`` map to the forward's parameters when it takes
     ``*varargs`` (their count as one tuple entry for dynamo).
+
+    ``weights`` streams the weights: ``graph``'s parameters are on the meta device (no memory), it is traced
+    on meta inputs, and each initializer is read by ``weights(parameter)`` (a float32 numpy array) only while it
+    is written to ``<name>.data``, so exporting the 3B decoder holds one weight at a time instead of 12.4 GB.
+    Such a graph is saved without onnxscript's optimizer, which reads every weight (ONNX Runtime optimizes the
+    graph when it loads it).
     """
     import torch
 
+    if weights is not None:
+        return _streamed_export(graph, args, path, input_names, output_names, dynamic_axes, arg_groups, opset,
+                                weights)
     big = force_dynamo or _param_bytes(graph) > BIG_GRAPH
     if not big:
         torch.onnx.export(graph, args, str(path), input_names=input_names, output_names=output_names,
@@ -438,6 +456,48 @@ def _torch_export(graph, args, path: Path, input_names, output_names, dynamic_ax
     torch.onnx.export(graph, args, str(path), input_names=input_names, output_names=output_names,
                       opset_version=opset, dynamo=True, dynamic_shapes=tuple(specs), external_data=True,
                       optimize=True, verbose=False)
+    return tuple(sorted(p.name for p in path.parent.glob(path.name + ".data")))
+
+
+def _dynamic_specs(input_names, dynamic_axes, arg_groups):
+    from torch.export import Dim
+
+    def spec(name):
+        return {ax: Dim.DYNAMIC for ax, label in dynamic_axes.get(name, {}).items() if label != "batch"}
+
+    specs = [spec(n) for n in input_names]
+    if arg_groups:
+        fixed = arg_groups[0]
+        specs = specs[:fixed] + [tuple(specs[fixed:])]
+    return tuple(specs)
+
+
+def _streamed_export(graph, args, path: Path, input_names, output_names, dynamic_axes, arg_groups, opset,
+                     weights) -> tuple[str, ...]:
+    import numpy as np
+    import onnx_ir as ir
+    import torch
+
+    buffers = {name: b.detach().cpu().numpy().copy() for name, b in graph.named_buffers()}  # computed, not weights
+    params = dict(graph.named_parameters(remove_duplicate=False))
+    graph.to("meta")
+    meta_args = tuple(a.to("meta") for a in args)
+    program = torch.onnx.export(graph, meta_args, None, input_names=input_names, output_names=output_names,
+                                opset_version=opset, dynamo=True, optimize=False, verbose=False,
+                                dynamic_shapes=_dynamic_specs(input_names, dynamic_axes, arg_groups))
+
+    def reader(param):
+        return lambda: ir.Tensor(np.ascontiguousarray(weights(param), dtype=np.float32))
+
+    for name, value in program.model.graph.initializers.items():
+        if name in buffers:
+            value.const_value = ir.Tensor(buffers[name], name=name)
+        elif name in params:
+            value.const_value = ir.LazyTensor(reader(params[name]), dtype=ir.DataType.FLOAT,
+                                              shape=ir.Shape(list(value.shape)), name=name)
+        else:
+            raise RuntimeError(f"exported graph has an initializer {name!r} that is no parameter or buffer of it")
+    program.save(str(path), external_data=True)
     return tuple(sorted(p.name for p in path.parent.glob(path.name + ".data")))
 
 
@@ -512,7 +572,7 @@ def export_embed(model, out: Path, opset: int, force_dynamo: bool = False) -> Gr
     )
 
 
-def export_decoder(model, out: Path, opset: int, force_dynamo: bool = False) -> GraphSpec:
+def export_decoder(model, out: Path, opset: int, force_dynamo: bool = False, weights=None) -> GraphSpec:
     import torch
 
     from .graphs import DecoderGraph
@@ -538,7 +598,8 @@ def export_decoder(model, out: Path, opset: int, force_dynamo: bool = False) -> 
     path = out / "decoder.onnx"
     ext = _torch_export(
         graph, args, path, ["inputs_embeds", "position_ids", "attention_mask", "logits_index", *past_names],
-        ["logits", *present_names], dyn, arg_groups=(4, None), opset=opset, force_dynamo=force_dynamo)
+        ["logits", *present_names], dyn, arg_groups=(4, None), opset=opset, force_dynamo=force_dynamo,
+        weights=weights)
     kv_shape = ("batch", kvh, "past", hd)
     return GraphSpec(
         path=path.name, external_data=ext,
