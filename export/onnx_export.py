@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edge_duet import isolate
 from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import CheckpointError
 from edge_duet.manifest import (
@@ -131,16 +132,17 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
         shutil.copy(info.path / "tokenizer.json", tmp / "tokenizer.json")
         if (info.path / "chat_template.jinja").is_file():
             shutil.copy(info.path / "chat_template.jinja", tmp / "chat_template.jinja")
-        isolate = options.isolate if options.isolate is not None else memory_plan(info).largest_graph_bytes > BIG_GRAPH
+        in_children = (options.isolate if options.isolate is not None
+                       else memory_plan(info).largest_graph_bytes > BIG_GRAPH)
         job = _PartJob(str(info.path), str(tmp), options.opset, options.exporter == "dynamo", manifest,
-                       options.validate, stream=isolate)
+                       options.validate, stream=in_children)
         vision = None
         cases = None
-        steps = ("vision", "embed", "decoder") + (("reference",) if isolate and options.validate else ())
+        steps = ("vision", "embed", "decoder") + (("reference",) if in_children and options.validate else ())
         for part in steps:
             with _stage(report, part, log):
-                if isolate:
-                    spec, payload, child_peak = _in_child(job.run, part, vision)
+                if in_children:
+                    spec, payload, child_peak = isolate.call(job.run, part, vision, what=f"exporting the {part} graph")
                     report.stage_peak_gb[f"{part} (child)"] = child_peak
                     log(f"[{part}] child process peak memory {child_peak:.2f} GB")
                 else:
@@ -223,14 +225,6 @@ class _PartJob:
                 raise ValueError(f"unknown part {part!r}")
         _release_memory()
         return spec, payload, _peak_rss_gb()
-
-
-def _in_child(fn, *args):
-    """``fn(*args)`` in a fresh process (spawned: no copy of this one's memory); its exceptions come back here."""
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, args)
 
 
 # ----------------------------------------------------------------------------------------------- memory

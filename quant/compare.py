@@ -110,9 +110,10 @@ def benchmark_dialogues(bench_dir: Path, limit: int | None, turns: int | None) -
 # ----------------------------------------------------------------------------------------------- probe
 
 
-def _probe(session, turns: Sequence[DTurn], tokens: int, forced: list[list[int]] | None):
+def _probe(session, turns: Sequence[DTurn], tokens: int, forced: list[list[int]] | None, encoded=None):
     """Run ``turns`` through the engine on one growing cache; per turn: greedy (or ``forced``) tokens and the
-    logits rows that chose them ((n+1, vocab): the row after the prompt, then one per token)."""
+    logits rows that chose them ((n+1, vocab): the row after the prompt, then one per token). ``encoded``: each
+    turn's visual embeddings computed beforehand (see ``_staged_probe``)."""
     from edge_duet.runtime.engine import KVCache
     from edge_duet.runtime.preprocess import preprocess_frame
     from edge_duet.runtime.session import Chunk, assemble
@@ -128,7 +129,8 @@ def _probe(session, turns: Sequence[DTurn], tokens: int, forced: list[list[int]]
         pre = [preprocess_frame(_load(f), m.preprocess, channels="rgb") for f in turn.frames]
         frames = []
         if pre:
-            vis = engine.encode_frames(np.concatenate([p for p, _ in pre]), [g for _, g in pre])
+            vis = (encoded[k] if encoded is not None
+                   else engine.encode_frames(np.concatenate([p for p, _ in pre]), [g for _, g in pre]))
             start = 0
             for _, (t, gh, gw) in pre:
                 n = t * (gh // merge) * (gw // merge)
@@ -183,16 +185,49 @@ def probe_metrics(rows_a: list[np.ndarray], rows_b: list[np.ndarray], tokens_a: 
             "argmax_agree": agree / max(n, 1), "positions": len(cos), "per_position_cosine": [float(c) for c in cos]}
 
 
-def probe_agreement(bundle_a: str | Path, bundle_b: str | Path, seed: int = 0, tokens: int = 6) -> dict:
-    """One generated turn through both bundles (B teacher-forced on A): logits cosine, max diff, argmax agreement."""
-    from edge_duet.runtime.session import Session, SessionOptions
+def _staged_probe(bundle: str, turns: Sequence[DTurn], tokens: int, forced: list[list[int]] | None):
+    """``_probe`` with the vision graph run first for every turn and freed before the text graphs load: a 3B
+    float32 bundle then holds its decoder and embedding graphs (13.6 GB), not all three at once."""
+    import gc
+    from types import SimpleNamespace
 
-    sa = Session(bundle_a, SessionOptions(providers="cpu"))
-    dialogue = generated_dialogues(1, 1, sa.manifest.prompt.frames_per_turn, 1.0, 112, seed)[0]
-    rows_a, toks_a = _probe(sa, dialogue.turns, tokens, None)
-    del sa
-    sb = Session(bundle_b, SessionOptions(providers="cpu"))
-    rows_b, _ = _probe(sb, dialogue.turns, tokens, toks_a)
+    from tokenizers import Tokenizer
+
+    from edge_duet.manifest import Manifest
+    from edge_duet.runtime.chat import ChatRenderer
+    from edge_duet.runtime.engine import Engine
+    from edge_duet.runtime.preprocess import preprocess_frame
+
+    bundle = Path(bundle)
+    m = Manifest.load(bundle)
+    big = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file()) > 4 * 1024**3
+    engine = Engine(bundle, m, providers="cpu", graphs=("vision",), low_memory=big)
+    encoded = []
+    for turn in turns:
+        pre = [preprocess_frame(_load(f), m.preprocess, channels="rgb") for f in turn.frames]
+        encoded.append(engine.encode_frames(np.concatenate([p for p, _ in pre]), [g for _, g in pre]) if pre else None)
+    del engine
+    gc.collect()
+    engine = Engine(bundle, m, providers="cpu", graphs=("embed", "decoder"), low_memory=big)
+    view = SimpleNamespace(engine=engine, manifest=m, system_prompt=m.prompt.system_prompt,
+                           renderer=ChatRenderer(Tokenizer.from_file(str(bundle / m.tokenizer)), m.tokens,
+                                                 m.vision.merge_size))
+    return _probe(view, turns, tokens, forced, encoded)
+
+
+def probe_agreement(bundle_a: str | Path, bundle_b: str | Path, seed: int = 0, tokens: int = 6,
+                    isolate: bool = True) -> dict:
+    """One generated turn through both bundles (B teacher-forced on A): logits cosine, max diff, argmax agreement.
+    Each bundle runs in its own child process (``isolate``), graph group by graph group, so the peak is one
+    bundle's decoder and embedding graphs, whatever the quantizer left in this process."""
+    from edge_duet import isolate as iso
+    from edge_duet.manifest import Manifest
+
+    frames_per_turn = Manifest.load(bundle_a).prompt.frames_per_turn
+    dialogue = generated_dialogues(1, 1, frames_per_turn, 1.0, 112, seed)[0]
+    run = (lambda *a: iso.call(_staged_probe, *a, what="the probe turn")) if isolate else _staged_probe
+    rows_a, toks_a = run(str(bundle_a), dialogue.turns, tokens, None)
+    rows_b, _ = run(str(bundle_b), dialogue.turns, tokens, toks_a)
     m = probe_metrics(rows_a, rows_b, toks_a)
     return {k: round(v, 6) for k, v in m.items() if k != "per_position_cosine"}
 
@@ -256,44 +291,13 @@ def run_bundle(bundle: str, dialogues: list[Dialogue], probe_turns: list[DTurn],
 
 
 def _run(bundle, dialogues, probe_turns, probe_tokens, forced, options: CompareOptions) -> dict:
-    """``run_bundle`` here, or in a fresh interpreter (``python -m edge_duet.quant.compare IN OUT``) so that its
-    peak RSS is the bundle's own. A subprocess rather than multiprocessing: spawn re-imports the caller's main
-    module, which breaks scripts without a ``__main__`` guard."""
+    """``run_bundle`` here, or in a fresh interpreter so that its peak RSS is the bundle's own."""
     args = (str(bundle), dialogues, probe_turns, probe_tokens, forced, options)
     if not options.isolate:
         return run_bundle(*args)
-    import pickle
-    import subprocess
-    import sys
-    import tempfile
+    from edge_duet import isolate
 
-    with tempfile.TemporaryDirectory(prefix="edge-duet-compare-") as tmp:
-        src, dst = Path(tmp) / "in.pkl", Path(tmp) / "out.pkl"
-        src.write_bytes(pickle.dumps(args))
-        proc = subprocess.run([sys.executable, "-m", "edge_duet.quant.compare", str(src), str(dst)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if dst.is_file():
-            result = pickle.loads(dst.read_bytes())
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        raise BundleError(f"measuring {bundle} failed in its worker process (exit {proc.returncode}; killed for "
-                          f"memory if -9): {proc.stderr.strip()[-2000:]}")
-
-
-def _worker_main(argv: list[str]) -> None:
-    import pickle
-
-    src, dst = Path(argv[0]), Path(argv[1])
-    try:
-        result = run_bundle(*pickle.loads(src.read_bytes()))
-    except Exception as exc:  # handed to the parent, which re-raises it
-        try:
-            pickle.dumps(exc)
-            result = exc
-        except Exception:
-            result = BundleError(f"{type(exc).__name__}: {exc}")
-    dst.write_bytes(pickle.dumps(result))
+    return isolate.call(run_bundle, *args, what=f"measuring {bundle}")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -522,9 +526,3 @@ def plot_report(r: CompareReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    _worker_main(sys.argv[1:])
