@@ -263,16 +263,16 @@ class MemoryPlan:
         return 4 * max(p["vision"], p["embed"], p["decoder"] + (p["embed"] if self.tied else p["lm_head"]))
 
     def need_gb(self, validate: bool) -> float:
-        """Estimated peak: the checkpoint in its own dtype with the vision tower in float32; then the language model
-        in float32; then (validating) ONNX Runtime with the float32 decoder and embedding graphs. Plus ~1.5 GB of
-        libraries and activations."""
-        p, f32 = self.params, 4
-        vision_phase = self.checkpoint_bytes + p["vision"] * f32
-        text_phase = (p["embed"] + p["lm_head"] + p["decoder"]) * f32
-        ort_phase = (p["decoder"] + p["embed"] + (p["embed"] if self.tied else p["lm_head"])) * f32
-        need = max(vision_phase, text_phase, ort_phase if validate else 0)
-        return need / 1024**3 * 1.05 + 1.5
-
+        """Estimated peak of the largest step (each runs alone, in its own process; measured at 3B in docs/3b.md):
+        the vision graph (its weights in float32), the embedding table (the TorchScript exporter holds ~4 copies),
+        the decoder (streamed: about one weight at a time), and when validating the PyTorch reference (the language
+        model in float32) and ONNX Runtime holding the decoder and embedding graphs. Plus ~1.2 GB of libraries."""
+        p, f32, gb = self.params, 4, 1024**3
+        head = p["embed"] if self.tied else p["lm_head"]
+        steps = [p["vision"] * f32, 4 * p["embed"] * f32, 2 * max(p["embed"], head) * f32]
+        if validate:
+            steps += [(p["embed"] + p["lm_head"] + p["decoder"]) * f32, (p["decoder"] + p["embed"] + head) * f32]
+        return max(steps) / gb * 1.05 + 1.2
 
 def memory_plan(info: CheckpointInfo) -> MemoryPlan:
     params = {"vision": 0, "embed": 0, "lm_head": 0, "decoder": 0}

@@ -272,3 +272,39 @@ def test_export_in_child_processes_equals_in_process(tmp_path, tiny_checkpoint, 
     assert [o.name for o in sa.get_outputs()] == [o.name for o in sb.get_outputs()]
     for x, y in zip(out_a, out_b):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_a_streamed_decoder_holds_one_weight_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
+    # the 3B decoder (12.4 GB in float32) is written from a model with no weights loaded: each weight is read from
+    # the checkpoint while it is written and dropped after. Count the bytes of weights alive at once.
+    import gc
+    import weakref
+
+    import edge_duet.export.onnx_export as ox
+    from edge_duet.export.checkpoint import PartLoader, inspect_checkpoint
+
+    parts = PartLoader(inspect_checkpoint(tiny_checkpoint))
+    alive, peak, sizes = [0], [0], []
+
+    def read(param):
+        arr = parts.read(param)
+        sizes.append(arr.nbytes)
+        alive[0] += arr.nbytes
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(arr, lambda n=arr.nbytes: alive.__setitem__(0, alive[0] - n))
+        return arr
+
+    real = ox._streamed_export
+
+    def counting(*args):
+        *rest, weights = args
+        return real(*rest, read)
+
+    monkeypatch.setattr(ox, "_streamed_export", counting)
+    spec = ox.export_decoder(parts.model, tmp_path, 18, force_dynamo=True, weights=parts.read)
+    gc.collect()
+    assert spec.external_data == ("decoder.onnx.data",)
+    assert all(p.is_meta for p in parts.model.model.language_model.parameters())  # nothing was loaded
+    total = sum(sizes)
+    assert total >= sum(p.numel() * 4 for p in parts.model.model.language_model.layers.parameters())
+    assert peak[0] <= 2 * max(sizes) < total, (peak[0], max(sizes), total)  # not all at once: two at most
