@@ -59,6 +59,14 @@ def run_command(
         None, "--max-context", help="Context budget in tokens; older turns are evicted past it (default: the bundle's).",
         min=256, rich_help_panel="Model",
     ),
+    system_prompt: Optional[str] = typer.Option(
+        None, "--system-prompt", help="System prompt (default: the bundle's; MMDuet2's for its checkpoints).",
+        rich_help_panel="Model",
+    ),
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", help="Per-frame pixel budget, 28x28 px per visual token (default: the bundle's; "
+                                   "MMDuet2's 100352 = 128 tokens for its checkpoints).", min=1, rich_help_panel="Model",
+    ),
     token_drop: Optional[float] = typer.Option(
         None, "--token-drop", help="Drop a visual token whose cosine similarity to the previous frame's exceeds this (0-1; off by default).",
         min=0.0, max=1.0, rich_help_panel="Model",
@@ -129,7 +137,8 @@ def run_command(
 
     source = open_source(spec)  # fails fast, before the model loads
     try:
-        session = _load_session(bundle, max_new_tokens, max_context, token_drop, providers, remote)
+        session = _load_session(bundle, max_new_tokens, max_context, token_drop, providers, remote,
+                                system_prompt=system_prompt, max_pixels=max_pixels)
     except BaseException:
         source.release()
         raise
@@ -161,11 +170,12 @@ def _speech_options(speak: bool, tts: str, voice: Optional[str], audio_dir: Opti
 
 
 def _load_session(bundle: Path, max_new_tokens: int, max_context: Optional[int], token_drop: Optional[float],
-                  providers: Optional[str], remote=None):
+                  providers: Optional[str], remote=None, system_prompt: Optional[str] = None,
+                  max_pixels: Optional[int] = None):
     from edge_duet.runtime.session import SessionOptions
 
     options = SessionOptions(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens, system_prompt=system_prompt, max_pixels=max_pixels,
         max_context_tokens=max_context,
         token_drop_threshold=token_drop,
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,

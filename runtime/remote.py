@@ -138,6 +138,9 @@ class RemoteSession(QuestionInbox):
         if options.max_new_tokens < 1:
             raise UsageError("max_new_tokens must be at least 1")
         self.model = model if isinstance(model, RemoteModel) else load_remote_model(model)
+        if options.max_pixels is not None:  # the per-frame budget the frames are resized to before they are sent
+            self.model = dataclasses.replace(
+                self.model, preprocess=dataclasses.replace(self.model.preprocess, max_pixels=options.max_pixels))
         self.manifest = self.model  # what apps read: .name, .variant, .prompt
         self.server = server
         self.options = options

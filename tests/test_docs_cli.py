@@ -91,7 +91,8 @@ def doc_commands(path: Path) -> list[DocCommand]:
     for line_no, code in (script_lines(text) if path.suffix == ".sh" else code_spans(text)):
         for m in COMMAND.finditer(code):
             rest = code[m.end():]
-            rest = re.split(r"\s(?:&&|;)\s", rest)[0].split("$(")[0]
+            # the command ends at the next command, pipe or redirection
+            rest = re.split(r"\s(?:&&|\|\||;|\||\d?>>?)\s", rest)[0].split("$(")[0]
             if "·" in rest:  # a recorded session's banner, not a command
                 continue
             found.append(DocCommand(f"{path.relative_to(ROOT)}:{line_no}", rest.strip()))
