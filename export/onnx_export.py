@@ -480,19 +480,45 @@ def _streamed_export(graph, args, path: Path, input_names, output_names, dynamic
                                 opset_version=opset, dynamo=True, optimize=False, verbose=False,
                                 dynamic_shapes=_dynamic_specs(input_names, dynamic_axes, arg_groups))
 
-    def reader(param):
-        return lambda: ir.Tensor(np.ascontiguousarray(weights(param), dtype=np.float32))
+    transposed = _fold_weight_transposes(program.model.graph, set(params))
+
+    def reader(param, transpose):
+        def read():
+            w = weights(param)
+            return ir.Tensor(np.ascontiguousarray(w.T if transpose else w, dtype=np.float32))
+        return read
 
     for name, value in program.model.graph.initializers.items():
         if name in buffers:
             value.const_value = ir.Tensor(buffers[name], name=name)
         elif name in params:
-            value.const_value = ir.LazyTensor(reader(params[name]), dtype=ir.DataType.FLOAT,
+            value.const_value = ir.LazyTensor(reader(params[name], name in transposed), dtype=ir.DataType.FLOAT,
                                               shape=ir.Shape(list(value.shape)), name=name)
         else:
             raise RuntimeError(f"exported graph has an initializer {name!r} that is no parameter or buffer of it")
     program.save(str(path), external_data=True)
     return tuple(sorted(p.name for p in path.parent.glob(path.name + ".data")))
+
+
+def _fold_weight_transposes(graph, weights: set[str]) -> set[str]:
+    """``MatMul(x, Transpose(W))`` -> ``MatMul(x, W')`` with W' = W transposed, stored: what onnxscript's constant
+    folding does to every linear layer, done here without reading W (the streamed export reads it transposed when
+    it writes it). Quantizers need it: they take MatMuls whose B is an initializer. Returns the weights it turned."""
+    out = set()
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        w = node.inputs[0]
+        if w is None or w.name not in weights or w.name not in graph.initializers or len(w.uses()) != 1:
+            continue
+        perm = node.attributes.get("perm")
+        if w.shape is None or len(w.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
+            continue
+        w.shape = type(w.shape)([w.shape[1], w.shape[0]])
+        node.outputs[0].replace_all_uses_with(w)
+        graph.remove(node, safe=True)
+        out.add(w.name)
+    return out
 
 
 def _param_bytes(module) -> int:

@@ -85,12 +85,11 @@ def to_fp16(model, node_block_list: list[str]):
     float16; weights only blocked nodes use stay on disk; any other external weight is loaded as it is.
     """
     from onnx import TensorProto
-    from onnx.shape_inference import infer_shapes
     from onnxruntime.transformers.float16 import (
         ALWAYS_FLOAT_INPUTS, DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16,
     )
 
-    model = infer_shapes(model)  # as the converter would, while every weight is still typed float32
+    model = _infer_shapes(model)  # as the converter would, while every weight is still typed float32
     blocked = set(node_block_list or ())
     uses: dict[str, list[bool]] = {}  # initializer -> per consumer: does it stay float32 there?
     for n in model.graph.node:
@@ -114,3 +113,35 @@ def to_fp16(model, node_block_list: list[str]):
             t.raw_data = arr.tobytes()
     return convert_float_to_float16(model, keep_io_types=True, node_block_list=node_block_list or None,
                                     disable_shape_infer=True)
+
+
+def _infer_shapes(model):
+    """``onnx.shape_inference.infer_shapes`` on a graph of any size: it serializes the graph, which protobuf refuses
+    past 2 GB, and it needs no weight values. In-memory weights are set aside (marked external) while it runs."""
+    from onnx import TensorProto
+    from onnx.shape_inference import infer_shapes
+
+    aside = {}
+    for t in model.graph.initializer:
+        if not _is_external(t) and t.raw_data:
+            aside[t.name] = t.raw_data
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            e = t.external_data.add()
+            e.key, e.value = "location", "(set aside)"
+    try:
+        out = infer_shapes(model)
+    finally:
+        _restore(model, aside)
+    _restore(out, aside)
+    return out
+
+
+def _restore(model, aside: dict) -> None:
+    from onnx import TensorProto
+
+    for t in model.graph.initializer:
+        if t.name in aside and _is_external(t) and [e.value for e in t.external_data] == ["(set aside)"]:
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = aside[t.name]

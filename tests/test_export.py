@@ -272,6 +272,15 @@ def test_export_in_child_processes_equals_in_process(tmp_path, tiny_checkpoint, 
     assert [o.name for o in sa.get_outputs()] == [o.name for o in sb.get_outputs()]
     for x, y in zip(out_a, out_b):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+    # its linear layers are MatMuls on stored weights (no Transpose left in front), so the quantizers find them all
+    from edge_duet.quant.quantize import QuantOptions, quantize_bundle, weight_ops
+
+    mb = onnx.load(str(tmp_path / "b" / "decoder.onnx"), load_external_data=False)
+    inits = {t.name for t in mb.graph.initializer}
+    assert not [n for n in mb.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    assert len(weight_ops(mb)) == len(weight_ops(onnx.load(str(tiny_bundle / "decoder.onnx"))))
+    q = quantize_bundle(tmp_path / "b", tmp_path / "q", "cpu", QuantOptions(check=False), log=lambda s: None)
+    assert q.graphs["decoder"].quantized_ops == q.graphs["decoder"].weight_ops == len(weight_ops(mb))
 
 
 def test_a_streamed_decoder_holds_one_weight_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
