@@ -51,6 +51,8 @@ A_APPEAR = "A {colour} {shape} appeared."
 A_LEAVE = "The {colour} {shape} left."
 A_RECOLOUR = "The {shape} turned {colour}."
 A_MOVE = "The {colour} {shape} started moving."
+EVENT_KINDS: tuple[str, ...] = ("appear", "leave", "recolour", "move")  # what can happen to an object
+EVENT_ANSWERS = {"appear": A_APPEAR, "leave": A_LEAVE, "recolour": A_RECOLOUR, "move": A_MOVE}  # one per kind
 A_WHAT_COLOUR = "The {shape} is {colour}."
 A_WHAT_SHAPE = "The {colour} object is a {shape}."
 NUMBERS = ("zero", "one", "two", "three", "four", "five")  # "zero", not "no": the judge drops stop words
@@ -256,13 +258,9 @@ def _due_turn(scene: sc.Scene, clock: Clock, obj: int, t: float) -> int | None:
 
 
 def _answer_for(kind: str, o: sc.SceneObject, t: float) -> str:
-    if kind == "appear":
-        return A_APPEAR.format(colour=o.colour_at(t), shape=o.shape)
-    if kind == "leave":
-        return A_LEAVE.format(colour=o.colour_at(t - 1e-6), shape=o.shape)
-    if kind == "recolour":
-        return A_RECOLOUR.format(colour=o.new_colour, shape=o.shape)
-    return A_MOVE.format(colour=o.colour_at(t), shape=o.shape)
+    # the colour it is named by: before it left, after it changed, at the time otherwise
+    colour = {"leave": o.colour_at(t - 1e-6), "recolour": o.new_colour}.get(kind) or o.colour_at(t)
+    return EVENT_ANSWERS[kind].format(colour=colour, shape=o.shape)
 
 
 def _watch_answers(scene: sc.Scene, clock: Clock, after_s: float, match) -> list[Answer]:

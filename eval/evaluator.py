@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from edge_duet.errors import InputError, UsageError
+from edge_duet.errors import InputError
 
 from .formats import GoldExample, Prediction, Reply
 from .judge_cache import JudgeCache
-from .judges import Judge, Judgement, JudgeRequest, OverlapJudge, run_request
+from .judges import Judge, Judgement, JudgeRequest, StrictJudge, run_request
 from .pauc import DEFAULT_OMEGA, check_omega, in_span, pauc_span
 from .report import EvalReport, ExampleResult, ScoredReply, SpanResult, summarise
 from .textnorm import normalise
@@ -39,7 +39,7 @@ class _Planned:
     candidate: bool  # not the first reply of its span
 
 
-def _index_predictions(preds: Mapping[str, Prediction] | Iterable[Prediction]) -> dict[str, Prediction]:
+def index_predictions(preds: Mapping[str, Prediction] | Iterable[Prediction]) -> dict[str, Prediction]:
     if isinstance(preds, Mapping):
         return dict(preds)
     out: dict[str, Prediction] = {}
@@ -135,9 +135,9 @@ def evaluate(
     Gold examples without a prediction count as silent (listed in ``missing_predictions``); predictions whose
     question_id is not in ``gold`` are ignored (listed in ``unmatched_predictions``).
     """
-    judge = judge if judge is not None else OverlapJudge()
+    judge = judge if judge is not None else StrictJudge()
     omega = check_omega(omega)
-    by_qid = _index_predictions(preds)
+    by_qid = index_predictions(preds)
     gold_ids = {ex.question_id for ex in gold}
 
     requests: dict[JudgeRequest, None] = {}  # an ordered set
@@ -203,51 +203,3 @@ def evaluate(
         unmatched_predictions=tuple(q for q in by_qid if q not in gold_ids),
     )
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# baselines
-
-
-def silent_predictions(gold: Sequence[GoldExample]) -> list[Prediction]:
-    """Never reply: every span scores 0.5 / 2, i.e. PAUC 25.0."""
-    return [Prediction(ex.question_id, ()) for ex in gold]
-
-
-def turn_times(ex: GoldExample, pred: Prediction | None, turn_interval_s: float | None) -> tuple[float, ...]:
-    """The example's turn times: the user entries of its prediction, else k * ``turn_interval_s`` up to the end of
-    the video (its duration, else the last answer span's end)."""
-    if pred is not None and pred.turn_times_s:
-        return pred.turn_times_s
-    if turn_interval_s is None:
-        raise UsageError(
-            f"the reply-every-turn baseline needs turn times, and the prediction for {ex.question_id!r} has no user "
-            "entries to take them from: pass --turn-interval SECONDS (frames per turn x frame interval)"
-        )
-    if not turn_interval_s > 0:
-        raise UsageError(f"--turn-interval must be > 0 seconds, got {turn_interval_s}")
-    end = ex.duration_s if ex.duration_s is not None else max((a.reply_timespan_s[1] for a in ex.answers), default=0.0)
-    n = int(end / turn_interval_s + 1e-9)
-    return tuple(round(k * turn_interval_s, 9) for k in range(1, n + 1))
-
-
-def every_turn_predictions(
-    gold: Sequence[GoldExample],
-    preds: Mapping[str, Prediction] | Iterable[Prediction],
-    turn_interval_s: float | None = None,
-) -> list[Prediction]:
-    """Reply at every turn with the model's own latest words: at each turn, the most recent model reply at or before
-    it (silent until the model's first reply). Same words as the model, no restraint: shows what the model's
-    choice of *when* to speak is worth, and what constant talking costs in duplicates and out-of-span replies."""
-    by_qid = _index_predictions(preds)
-    out = []
-    for ex in gold:
-        pred = by_qid.get(ex.question_id)
-        model = pred.replies if pred is not None else ()
-        replies, k = [], -1
-        for t in turn_times(ex, pred, turn_interval_s):
-            while k + 1 < len(model) and model[k + 1].time_s <= t:
-                k += 1
-            if k >= 0:
-                replies.append(Reply(t, model[k].content))
-        out.append(Prediction(ex.question_id, tuple(replies), turn_times(ex, pred, turn_interval_s)))
-    return out

@@ -1,10 +1,14 @@
 """Judges: score the accumulated replies against a gold answer (0/1/2), and say whether a reply repeats earlier ones.
 
-Two judges share one small interface (:class:`Judge`):
+Three judges share one small interface (:class:`Judge`):
 
-- :class:`OverlapJudge` (the default, offline, deterministic): weighted recall of the gold answer's content words
-  among the replies' content words, where colour, shape and number words weigh double, must all be present for a 2,
-  and a conflicting one (a colour/shape/number of a kind the gold names, but not the gold's) caps the score at 1.
+- :class:`StrictJudge` (``strict``, the default, offline, deterministic): fact by fact (eval/facts.py). Any claim of
+  the replies that contradicts the gold answer (another event kind, colour, shape or count) scores 0; 2 needs every
+  fact of the gold said; the question is never evidence.
+- :class:`OverlapJudge` (``overlap``, the previous default, kept for continuity with the numbers it produced):
+  weighted recall of the gold answer's content words among the replies' content words, where colour, shape and
+  number words weigh double, must all be present for a 2, and a conflicting one caps the score at 1. It is lenient:
+  a wrong shape or colour scores 1, a wrong event kind 2, and the first question's words count as said.
 - :class:`OpenAIJudge`: any OpenAI-compatible chat endpoint (``--judge openai:MODEL@http://host:port/v1``), asked
   the 0/1/2 rubric with temperature 0. Timeouts, retries with exponential backoff; an answer that is not a score
   comes back as ``Judgement(None, raw)`` and is counted as unparsed by the evaluator, never guessed.
@@ -27,6 +31,7 @@ from typing import Protocol, Sequence
 
 from edge_duet.errors import EdgeDuetError, UsageError
 
+from . import facts
 from .textnorm import content_tokens, key_category, normalise
 
 
@@ -152,6 +157,63 @@ class OverlapJudge:
             seen |= content_tokens(e)
         new = words - seen
         return Judgement(0 if new else 1, f"new content words: {sorted(new)}")
+
+
+@dataclass(frozen=True)
+class StrictJudge:
+    """Fact by fact, deterministic. The gold answer and every accumulated reply are cut into claims
+    (:func:`facts.claims`: event kind, colours, shapes, count, negation), then:
+
+    - 0 when any claim contradicts the gold: another event kind ("The red star left." for "A red star appeared."),
+      colour, shape or count, or a negation; a wrong claim stays said, so it keeps costing after a right one;
+    - 2 when the claims together state every fact of the gold;
+    - 1 when they state some of them (a missing colour: "A star appeared."); 0 when none.
+
+    The question is not read: a fact the question names must still be said by the replies. A gold answer with no
+    fact this judge knows (an answer outside the synthetic benchmark's world, "A donkey.") is judged by its content
+    words instead: all said 2, some 1, none 0 (exact text for an answer of stop words only).
+
+    Duplicates: a reply repeats the earlier ones when each of its claims is implied by one earlier claim ("The red
+    star." after "A red star appeared."); a reply that states no fact falls back to the overlap judge's rule.
+    """
+
+    id: str = "strict-v1"
+    cacheable: bool = False
+    max_workers: int = 1
+
+    def score(self, question: str, answer: str, replies: Sequence[str]) -> Judgement:
+        gold_claims = facts.claims(answer)
+        if not gold_claims:
+            return self._score_words(answer, replies)
+        gold = facts.merge(gold_claims)
+        said = [c for r in replies for c in facts.claims(r)]
+        for claim in said:
+            wrong = facts.contradiction(claim, gold)
+            if wrong is not None:
+                return Judgement(0, f"contradiction: {wrong}")
+        needed = gold.facts()
+        stated = set().union(*(c.facts() for c in said)) & needed
+        missing = sorted(f"{name} {value}" for name, value in needed - stated)
+        score = 2 if not missing else 1 if stated else 0
+        return Judgement(score, f"facts said {len(stated)}/{len(needed)}; missing: {missing}")
+
+    def _score_words(self, answer: str, replies: Sequence[str]) -> Judgement:
+        gold = content_tokens(answer)
+        if not gold:
+            hit = normalise(answer) in {normalise(r) for r in replies}
+            return Judgement(2 if hit else 0, f"answer has no facts and no content words; exact match: {hit}")
+        said = set().union(*(content_tokens(r) for r in replies)) if replies else set()
+        missing = gold - said
+        score = 2 if not missing else 1 if gold & said else 0
+        return Judgement(score, f"answer has no known facts; content words missing: {sorted(missing)}")
+
+    def is_duplicate(self, earlier: Sequence[str], reply: str) -> Judgement:
+        new = facts.claims(reply)
+        if not new:
+            return OverlapJudge().is_duplicate(earlier, reply)
+        before = [c for e in earlier for c in facts.claims(e)]
+        fresh = [c for c in new if not any(facts.implied_by(c, b) for b in before)]
+        return Judgement(0 if fresh else 1, f"claims not said before: {len(fresh)} of {len(new)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,16 +349,31 @@ def _is_timeout(exc: BaseException) -> bool:
 _OPENAI_SPEC = re.compile(r"^openai:(?P<model>.+?)@(?P<url>https?://\S+)$")
 
 
-def make_judge(spec: str = "overlap", *, timeout_s: float = 60.0, max_workers: int = 4) -> Judge:
-    """A judge from its command-line spelling: ``overlap`` or ``openai:MODEL@http://host:port/v1``."""
-    if spec == "overlap":
-        return OverlapJudge()
+OFFLINE_JUDGES = {"strict": StrictJudge, "overlap": OverlapJudge}
+
+
+def make_judge(spec: str = "strict", *, timeout_s: float = 60.0, max_workers: int = 4) -> Judge:
+    """A judge from its command-line spelling: ``strict``, ``overlap`` or ``openai:MODEL@http://host:port/v1``."""
+    if spec in OFFLINE_JUDGES:
+        return OFFLINE_JUDGES[spec]()
     m = _OPENAI_SPEC.match(spec)
     if m is None:
         raise UsageError(
-            f"unknown judge {spec!r}: use 'overlap' (offline, the default) or "
-            "'openai:MODEL@http://host:port/v1' for an OpenAI-compatible server"
+            f"unknown judge {spec!r}: use 'strict' (offline, fact by fact, the default), 'overlap' (offline, "
+            "word overlap, the old default) or 'openai:MODEL@http://host:port/v1' for an OpenAI-compatible server"
         )
     return OpenAIJudge(
         OpenAIJudgeOptions(model=m["model"], base_url=m["url"], timeout_s=timeout_s, max_workers=max_workers)
     )
+
+
+def make_judges(specs: str, *, timeout_s: float = 60.0, max_workers: int = 4) -> list[Judge]:
+    """Judges from a comma-separated list (``strict,overlap``), in order; the first is the primary one."""
+    names = [s.strip() for s in specs.split(",") if s.strip()]
+    if not names:
+        raise UsageError("--judge needs at least one judge, e.g. 'strict' or 'strict,overlap'")
+    judges = [make_judge(n, timeout_s=timeout_s, max_workers=max_workers) for n in names]
+    ids = [j.id for j in judges]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--judge names a judge twice: {', '.join(names)}")
+    return judges

@@ -146,33 +146,38 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def format_table(report: EvalReport, baselines: Mapping[str, EvalReport] | None = None) -> str:
-    """The summary as an aligned plain-text table, one row per subset and one for everything; with baselines,
-    their PAUC (and duplicate %) in extra columns beside the model's."""
-    baselines = dict(baselines or {})
-    header = ["subset", "examples", "spans", "replies", "in span", "PAUC", "dup %"]
-    for name in baselines:
-        header += [f"{name} PAUC", f"{name} dup %"]
-    rows = []
-    for s in list(report.subsets) + [report.overall]:
-        row = [s.name, str(s.n_examples), str(s.n_spans), str(s.n_replies), str(s.n_replies_in_span),
-               _fmt(s.pauc), _fmt(s.duplicate_pct)]  # fmt: skip
-        for b in baselines.values():
-            bs = b.overall if s is report.overall else b.subset(s.name)
-            row += [_fmt(bs.pauc), _fmt(bs.duplicate_pct)]
-        rows.append(row)
+def _aligned(title: str, header: list[str], rows: list[list[str]], tail: int = 1) -> list[str]:
+    """A plain-text table: first column left-aligned, the others right-aligned, a rule above the last ``tail``
+    rows."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
+    rule = "  ".join("-" * w for w in widths)
+    return [title, line(header), rule] + [line(r) for r in rows[:-tail]] + [rule] + [line(r) for r in rows[-tail:]]
+
+
+def format_table(report: EvalReport, baselines: Mapping[str, EvalReport] | None = None) -> str:
+    """The summary as an aligned plain-text table, one row per subset and one for everything; with baselines, a
+    second table with their PAUC per subset beside the model's, and every one's duplicate %."""
+    summaries = list(report.subsets) + [report.overall]
+    header = ["subset", "examples", "spans", "replies", "in span", "PAUC", "dup %"]
+    rows = [[s.name, str(s.n_examples), str(s.n_spans), str(s.n_replies), str(s.n_replies_in_span),
+             _fmt(s.pauc), _fmt(s.duplicate_pct)] for s in summaries]  # fmt: skip
     title = (
         f"PAUC x100 (omega={report.omega:g}, judge {report.judge_id}); "
         "dup % = duplicate replies / later replies in a span"
     )
-    out = [title, line(header), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows[:-1]]
-    out += ["  ".join("-" * w for w in widths), line(rows[-1])]
+    out = _aligned(title, header, rows)
+    if baselines:
+        header = ["subset", "model"] + list(baselines)
+        rows = [[s.name, _fmt(s.pauc)] + [_fmt(b.overall.pauc if s is report.overall else b.subset(s.name).pauc)
+                                          for b in baselines.values()] for s in summaries]  # fmt: skip
+        rows.append(["dup %", _fmt(report.overall.duplicate_pct)] + [_fmt(b.overall.duplicate_pct)
+                                                                     for b in baselines.values()])  # fmt: skip
+        title = f"PAUC x100 of the model and the baselines (judge {report.judge_id}), and their duplicate %"
+        out += [""] + _aligned(title, header, rows, tail=2)
     return "\n".join(out)
 
 

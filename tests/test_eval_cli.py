@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import typer
@@ -48,7 +49,7 @@ def say(t, text):
 PREDS = [
     {"question_id": "a", "model_response_list": turns(2, 4) + [say(4, "A red circle appeared.")] + turns(6, 8, 10, 12)
      + [say(12, "A blue square appeared.")] + turns(14, 16) + [say(16, "A blue square appeared.")]},
-    {"question_id": "b", "model_response_list": turns(2, 4, 6) + [say(6, "Two green triangles.")] + turns(8, 10)},
+    {"question_id": "b", "model_response_list": turns(2, 4, 6) + [say(6, "Two green triangles appeared.")] + turns(8, 10)},
 ]  # fmt: skip
 
 
@@ -80,13 +81,13 @@ def test_table_and_json(tmp_path):
     result = run(gold, pred, "--subset", "tv", "--json", out)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("PAUC x100 (omega=0.5, judge overlap-v2)")
+    assert lines[0].startswith("PAUC x100 (omega=0.5, judge strict-v1)")
     assert lines[1].split()[:3] == ["subset", "examples", "spans"]
     rows = {line.split()[0]: line.split() for line in lines[3:] if not line.startswith("-")}
     assert set(rows) == {"tv", "web", "overall"}  # "b" has no subset field: it takes --subset
     assert rows["overall"][1:5] == ["2", "3", "4", "3"]  # examples, spans, replies, in span
     data = json.loads(out.read_text())
-    assert data["omega"] == 0.5 and data["judge"] == "overlap-v2"
+    assert data["omega"] == 0.5 and data["judge"] == "strict-v1" and "other_judges" not in data
     assert data["overall"]["pauc"] == pytest.approx(float(rows["overall"][5]), abs=0.05)
     # a: span 0 reply at 4 -> 3 at omega .5: (1*.5 + 3*2)/8; span 1 reply at 12 -> 11: (1*.5 + 2*2)/6
     # b: reply at 6 -> 5: (1*.5 + 3*2)/8
@@ -111,7 +112,10 @@ def test_baselines_from_user_entries(tmp_path):
     out = tmp_path / "r.json"
     result = run(gold, pred, "--baselines", "--json", out)
     assert result.exit_code == 0, result.output
-    assert "silent PAUC" in result.stdout and "every-turn PAUC" in result.stdout
+    table = result.stdout.split("PAUC x100 of the model and the baselines")[1].splitlines()
+    assert table[1].split() == ["subset", "model", "silent", "every-turn"]  # no frames: no opencv, no oracle
+    assert [line.split()[0] for line in table[3:] if not line.startswith("-")] == ["all", "web", "overall", "dup"]
+    assert "opencv and oracle baselines need the benchmark's frames (--frames)" in result.stderr
     data = json.loads(out.read_text())
     assert data["baselines"]["silent"]["overall"]["pauc"] == pytest.approx(25.0)
     every = data["baselines"]["every-turn"]["overall"]
@@ -225,3 +229,51 @@ def test_llm_judge_through_the_cli(tmp_path):
         assert len(server.requests) == n  # everything came from the cache
         assert run(*args, "--no-cache").exit_code == 0
         assert len(server.requests) == 2 * n
+
+
+def test_several_judges(tmp_path):
+    gold, pred = write(tmp_path)
+    out = tmp_path / "r.json"
+    result = run(gold, pred, "--judge", "strict,overlap", "--baselines", "--json", out)
+    assert result.exit_code == 0, result.output
+    titles = [line for line in result.stdout.splitlines() if line.startswith("PAUC x100 (omega")]
+    assert [t.split("judge ")[1].split(")")[0] for t in titles] == ["strict-v1", "overlap-v2"]
+    data = json.loads(out.read_text())
+    assert data["judge"] == "strict-v1" and "examples" in data
+    other = data["other_judges"]["overlap-v2"]
+    assert other["judge"] == "overlap-v2" and "examples" not in other
+    assert other["baselines"]["silent"]["overall"]["pauc"] == pytest.approx(25.0)
+    # the strict judge is the harder one: the every-turn baseline repeats a stale reply into later spans
+    assert data["baselines"]["every-turn"]["overall"]["pauc"] < other["baselines"]["every-turn"]["overall"]["pauc"]
+    assert run(gold, pred, "--judge", "strict,strict").exit_code == 2
+
+
+def test_opencv_and_oracle_baselines_on_a_generated_benchmark(tmp_path):
+    """The frame-reading baselines on a small rendered split: the OpenCV pipeline sees frames and questions only
+    (the same predictions with the gold answers blanked), and scores far above the silent baseline."""
+    from edge_duet.eval import baselines as bl
+    from edge_duet.eval.benchmark import write_benchmark
+    from edge_duet.eval.formats import GoldAnswer, load_gold
+    from edge_duet.runtime.infer import load_examples
+
+    bench = write_benchmark(tmp_path / "bench", seed=5, n_examples=12)
+    gold = load_gold(bench / "gold.json")
+    streams = {ex.question_id: ex for ex in load_examples(bench / "infer_input.json")}
+    cv = bl.opencv_predictions(gold, streams)
+    blank = [replace(ex, answers=tuple(GoldAnswer("?", a.reply_timespan_s) for a in ex.answers)) for ex in gold]
+    assert bl.opencv_predictions(blank, streams) == cv
+    assert sum(len(p.replies) for p in cv) >= len(gold)
+
+    pred = tmp_path / "silent.jsonl"
+    pred.write_text("".join(json.dumps({"question_id": ex.question_id, "model_response_list": turns(2, 4)}) + "\n"
+                            for ex in gold))  # fmt: skip
+    out = tmp_path / "r.json"
+    result = run(bench / "gold.json", pred, "--baselines", "--json", out)  # --frames: infer_input.json beside gold
+    assert result.exit_code == 0, result.output
+    b = json.loads(out.read_text())["baselines"]
+    assert set(b) == {"silent", "every-turn", "opencv", "oracle"}
+    assert b["opencv"]["overall"]["pauc"] >= 65.0, b["opencv"]["overall"]
+    assert b["oracle"]["overall"]["pauc"] >= b["opencv"]["overall"]["pauc"] - 1.0
+    assert b["oracle"]["overall"]["n_replies_in_span"] == b["oracle"]["overall"]["n_replies"]
+    result = run(bench / "gold.json", pred, "--baselines", "--frames", tmp_path / "nope.json")
+    assert result.exit_code == 6 and "nope.json" in result.stderr

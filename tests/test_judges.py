@@ -1,5 +1,6 @@
-"""The offline overlap judge on the synthetic benchmark's kind of answers, and the OpenAI-compatible judge against a
-tiny fake server on 127.0.0.1 (timeouts, retries, unparseable answers, refusals, the cache)."""
+"""The offline judges on the synthetic benchmark's kind of answers (the strict one tested against wrong answers
+first), and the OpenAI-compatible judge against a tiny fake server on 127.0.0.1 (timeouts, retries, unparseable
+answers, refusals, the cache)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ from edge_duet.eval.judges import (
     OpenAIJudge,
     OpenAIJudgeOptions,
     OverlapJudge,
+    StrictJudge,
     make_judge,
+    make_judges,
     parse_score,
     parse_yes_no,
 )
+from edge_duet.eval import benchmark as bm
+from edge_duet.eval import facts, scenes
 from edge_duet.eval.textnorm import content_tokens, key_category
 
 # ------------------------------------------------------------------------------------------------ offline judge
@@ -97,6 +102,11 @@ def test_parse_yes_no():
 
 def test_make_judge():
     assert isinstance(make_judge("overlap"), OverlapJudge)
+    assert isinstance(make_judge(), StrictJudge) and make_judge("strict").id == "strict-v1"
+    assert [j.id for j in make_judges("strict, overlap")] == ["strict-v1", "overlap-v2"]
+    for bad in ("", "strict,strict", "strict,gpt-4"):
+        with pytest.raises(UsageError):
+            make_judges(bad)
     judge = make_judge("openai:Qwen/Qwen3-32B@http://127.0.0.1:8000/v1", timeout_s=5, max_workers=2)
     assert isinstance(judge, OpenAIJudge)
     assert judge.options.model == "Qwen/Qwen3-32B" and judge.url == "http://127.0.0.1:8000/v1/chat/completions"
@@ -105,6 +115,156 @@ def test_make_judge():
         make_judge("gpt-4.1")
     with pytest.raises(UsageError):
         make_judge("openai:gpt-4.1")
+
+
+# ------------------------------------------------------------------------------------------------ strict judge
+# Wrong answers first: each names one wrong fact and must score 0, whatever else it gets right.
+
+STRICT = StrictJudge()
+
+
+def strict(answer, *replies, question="Tell me when something happens."):
+    return STRICT.score(question, answer, list(replies)).score
+
+
+@pytest.mark.parametrize(
+    "answer, reply",
+    [
+        ("A red star appeared.", "The red star left."),  # wrong event kind (overlap-v2 gave 2)
+        ("The star turned blue.", "A blue star appeared."),  # wrong event kind (overlap-v2 gave 2)
+        ("A red star appeared.", "The red star started moving."),
+        ("The red star left.", "The red star moved to the left."),  # "the left" is a place, the kind is move
+        ("The red star started moving.", "The star turned red."),
+        ("A red star appeared.", "A blue star appeared."),  # wrong colour (overlap-v2 gave 1)
+        ("A red star appeared.", "An orange star appeared."),  # a colour outside the benchmark is still a colour
+        ("The star turned blue.", "The star turned red."),
+        ("The star turned blue.", "The blue star turned red."),  # the new colour is what counts
+        ("The star is red.", "The star is green."),
+        ("A red star appeared.", "A red circle appeared."),  # wrong shape (overlap-v2 gave 1)
+        ("A red star appeared.", "A red ball appeared."),
+        ("The red object is a star.", "The red object is a triangle."),
+        ("There are two objects.", "There are three objects."),  # wrong count
+        ("There are two objects.", "There are 3 objects."),
+        ("There is one object.", "There are zero objects."),
+        ("There are zero objects.", "There is one object."),
+        ("There are two objects.", "A red star appeared."),  # an event is not a count
+        ("A red star appeared.", "No red star appeared."),  # negated
+        ("A red star appeared.", "Nothing appeared."),
+        ("A red star appeared.", "The red star did not appear."),
+        ("A red star appeared.", "A red star and a blue circle appeared."),  # another object too
+        ("The red star left.", "The red star left and a blue circle appeared."),
+        ("A red star appeared.", "red blue green yellow purple circle square triangle star appeared"),  # listing
+    ],
+)  # fmt: skip
+def test_strict_a_wrong_fact_scores_0(answer, reply):
+    assert strict(answer, reply) == 0, STRICT.score("", answer, [reply]).raw
+
+
+@pytest.mark.parametrize(
+    "answer, reply",
+    [
+        ("A red star appeared.", "A red star appeared."),
+        ("A red star appeared.", "I see a red star appearing."),
+        ("A red star appeared.", "A red star has just entered the scene!"),
+        ("A red star appeared.", "a RED STAR appears"),
+        ("The red star left.", "The red star disappeared."),
+        ("The red star left.", "I must reply.\nThe red star has left."),  # the must-reply prefix states nothing
+        ("The star turned blue.", "The red star turned blue."),
+        ("The star turned blue.", "The star changed colour to blue."),
+        ("The star turned blue.", "The star changed from red to blue."),
+        ("The red star started moving.", "The red star is moving."),
+        ("The star is red.", "The star is red."),
+        ("The star is red.", "It is a red star."),
+        ("The red object is a star.", "The red object is a star."),
+        ("There are two objects.", "2 objects are visible now."),
+        ("There are zero objects.", "There are no objects."),
+        ("There is one object.", "There is 1 object."),
+        ("Two green triangles appeared.", "2 green triangles appeared."),
+        ("A grey circle appeared.", "A gray disc appeared."),
+    ],
+)  # fmt: skip
+def test_strict_a_correct_paraphrase_scores_2(answer, reply):
+    assert strict(answer, reply) == 2, STRICT.score("", answer, [reply]).raw
+
+
+def test_strict_partial_answers_score_1_and_empty_ones_0():
+    assert strict("A red star appeared.", "A star appeared.") == 1  # colour missing
+    assert strict("A red star appeared.", "Something red appeared.") == 1  # shape missing
+    assert strict("A red star appeared.", "A red star.") == 1  # event kind missing
+    assert strict("The red object is a star.", "It is a star.") == 1
+    assert strict("A red star appeared.", "I cannot tell.") == 0  # no fact at all
+    assert strict("A red star appeared.", "Hello there.") == 0
+    assert strict("A red star appeared.") == 0
+
+
+def test_strict_accumulated_replies():
+    gold = "A red star appeared."
+    assert strict(gold, "A star appeared.", "It is red.") == 2  # facts may come in two replies
+    assert strict(gold, "A blue star appeared.", "Sorry, a red star appeared.") == 0  # a wrong reply stays said
+    assert strict(gold, "A red star appeared.", "There are two objects.") == 0
+
+
+def test_strict_never_takes_facts_from_the_question():
+    # the question names the colour and shape: the reply must still say them (overlap-v2 gave these a 2)
+    assert strict("The red star left.", "It left.", question="Tell me when the red star leaves.") == 1
+    assert OverlapJudge().score("Tell me when the red star leaves.", "The red star left.", ["It left."]).score == 2
+    assert strict("A blue square appeared.", "A blue appeared.", question="Tell me when a square appears.") == 1
+
+
+def test_strict_in_a_multi_question_dialogue():
+    """overlap-v2 removes the *first* question's words from every answer of the example: here "red", so "It is a
+    star." was a full answer to "What shape is the red object?". The strict judge reads no question."""
+    gold = [GoldExample("m", "Tell me when a red object appears.", (
+        GoldAnswer("A red star appeared.", (4.0, 9.0)), GoldAnswer("The red object is a star.", (12.0, 14.0))))]
+    preds = [Prediction("m", (Reply(6.0, "A red star appeared."), Reply(14.0, "It is a star.")))]
+    heights = lambda judge: [s.replies[0].score for s in evaluate(gold, preds, judge).spans]  # noqa: E731
+    assert heights(OverlapJudge()) == [2, 2]
+    assert heights(StrictJudge()) == [2, 1]
+
+
+def test_strict_answers_outside_the_benchmark_fall_back_to_content_words():
+    assert strict("A donkey.", "I see a donkey.") == 2
+    assert strict("The cook cracks eggs.", "The cook is standing.") == 1
+    assert strict("The cook cracks eggs.", "Nothing.") == 0
+    assert strict("Yes.", "yes") == 2 and strict("Yes.", "no") == 0
+
+
+def test_strict_duplicates():
+    dup = lambda earlier, reply: STRICT.is_duplicate(earlier, reply).score  # noqa: E731
+    assert dup(["A red star appeared."], "a red star appeared") == 1
+    assert dup(["A red star appeared."], "The red star.") == 1  # says nothing new
+    assert dup(["A red star appeared."], "The red star left.") == 0
+    assert dup(["A red star appeared."], "A blue star appeared.") == 0
+    assert dup(["There are two objects."], "There are three objects.") == 0
+    assert dup(["The red star left.", "There are two objects."], "The red star left. There are two objects.") == 1
+    assert dup([], "A red star.") == 0
+    assert dup(["Okay."], "Okay.") == 1 and dup(["Okay."], "Fine.") == 0  # no facts: the overlap rule
+
+
+def test_facts_read_every_sentence_the_generator_writes():
+    """One vocabulary: each answer template, with each colour and shape of the scenes, reads back as its facts."""
+    kinds_of = {bm.A_WHAT_COLOUR: set(), bm.A_WHAT_SHAPE: set()} | {t: {k} for k, t in bm.EVENT_ANSWERS.items()}
+    for template, kinds in kinds_of.items():
+        for colour in scenes.COLOUR_NAMES:
+            for shape in scenes.SHAPES:
+                text = template.format(colour=colour, shape=shape)
+                assert facts.claims(text) == [facts.Claim(frozenset(kinds), frozenset({colour}), frozenset({shape}))]
+    for n in range(len(bm.NUMBERS)):
+        assert facts.claims(bm.a_count(n)) == [facts.Claim(frozenset({facts.COUNT_KIND}), count=n)]
+    assert set(facts.KIND_WORDS) == set(bm.EVENT_KINDS)
+    assert set(scenes.COLOUR_NAMES) <= facts.COLOURS and set(scenes.SHAPES) <= facts.SHAPES
+
+
+def test_every_gold_answer_of_a_split_scores_2_against_itself_and_0_against_another_kind():
+    """The judge on a whole generated split: each gold answer is a correct reply to itself, and the same object
+    with another event kind is a wrong one."""
+    for ex in bm.sample_examples(31, 24):
+        for a in ex.answers:
+            assert strict(a.text, a.text) == 2, a.text
+            (claim,) = facts.claims(a.text)
+            for kind in set(bm.EVENT_KINDS) - claim.kinds if claim.kinds - {facts.COUNT_KIND} else ():
+                other = bm.EVENT_ANSWERS[kind].format(colour=next(iter(claim.colours)), shape=next(iter(claim.shapes)))
+                assert strict(a.text, other) == 0, (a.text, other)
 
 
 # ------------------------------------------------------------------------------------------------ fake server

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_duet.errors import UsageError
-from edge_duet.eval.evaluator import evaluate, every_turn_predictions, silent_predictions, turn_times
+from edge_duet.eval.baselines import every_turn_predictions, silent_predictions, turn_times
+from edge_duet.eval.evaluator import evaluate
 from edge_duet.eval.formats import GoldAnswer, GoldExample, Prediction, Reply
 from edge_duet.eval.judges import Judgement, OverlapJudge
 from edge_duet.eval.pauc import duplicate_percent, in_span, pauc_span, step_line
@@ -206,9 +207,12 @@ def test_a_wrong_reply_keeps_costing_after_the_right_one():
     right = evaluate(gold, [pred("q", (4, "A red circle appeared."))], omega=0)
     replies = [(2, "A blue circle appeared."), (4, "A red circle appeared.")]
     wrong_then_right = evaluate(gold, [pred("q", *replies)], omega=0)
-    # right only: 4 s at 0.5 then 6 s at 2; wrong first: 2 s at 0.5, 2 s at 1, then only 1 (the blue stays said)
+    # right only: 4 s at 0.5 then 6 s at 2; wrong first: 2 s at 0.5, then 0 (the strict judge: the blue stays said)
     assert right.overall.pauc == pytest.approx(100 * (4 * 0.5 + 6 * 2) / 20)
-    assert wrong_then_right.overall.pauc == pytest.approx(100 * (2 * 0.5 + 2 * 1 + 6 * 1) / 20)
+    assert wrong_then_right.overall.pauc == pytest.approx(100 * (2 * 0.5) / 20)
+    # the overlap judge caps a wrong colour at 1: 2 s at 0.5, 2 s at 1, then only 1
+    lenient = evaluate(gold, [pred("q", *replies)], OverlapJudge(), omega=0)
+    assert lenient.overall.pauc == pytest.approx(100 * (2 * 0.5 + 2 * 1 + 6 * 1) / 20)
     wrong = evaluate(gold, [pred("q", (2, "Nothing happened."))], omega=0)
     assert wrong.overall.pauc < 25.0
 

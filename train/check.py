@@ -56,7 +56,8 @@ def predict(checkpoint: Path, bench_dir: Path, limit: int | None = None, threads
 
 
 def score(bench_dir: Path, preds_path: Path) -> str:
-    from edge_duet.eval.evaluator import evaluate, every_turn_predictions, silent_predictions
+    from edge_duet.eval.baselines import every_turn_predictions, silent_predictions
+    from edge_duet.eval.evaluator import evaluate
     from edge_duet.eval.formats import load_gold, load_predictions
     from edge_duet.eval.report import format_table
 
