@@ -317,3 +317,29 @@ def test_a_streamed_decoder_holds_one_weight_at_a_time(tmp_path, tiny_checkpoint
     total = sum(sizes)
     assert total >= sum(p.numel() * 4 for p in parts.model.model.language_model.layers.parameters())
     assert peak[0] <= 2 * max(sizes) < total, (peak[0], max(sizes), total)  # not all at once: two at most
+
+
+def test_export_straight_to_a_quantized_bundle(tmp_path, tiny_checkpoint):
+    pytest.importorskip("onnx_ir")
+    res = runner.invoke(app, ["export", str(tiny_checkpoint), str(tmp_path / "q"), "--quantize", "cpu"])
+    assert res.exit_code == 0, res.output
+    m = Manifest.load(tmp_path / "q")
+    assert m.variant == "cpu" and m.graphs["decoder"].precision == "int4;lm_head=int8"
+    assert m.export_info["validated"] is True  # the float32 export was validated before it was quantized
+    check = m.provenance[-1]["check"]
+    assert check["argmax_agree"] >= 0.5 and check["logits_cosine"] > 0.9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # the temporary float32 bundle is gone
+    res = runner.invoke(app, ["export", str(tiny_checkpoint), str(tmp_path / "h"), "--dtype", "fp16"])
+    assert res.exit_code == 0, res.output
+    assert Manifest.load(tmp_path / "h").variant == "fp16"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int3"], "unknown recipe"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--dtype", "fp16", "--quantize", "int4"], "two precisions"),
+])
+def test_export_refuses_a_bad_precision_before_any_work(tmp_path, tiny_checkpoint, args, message):
+    res = runner.invoke(app, ["export", str(tiny_checkpoint), str(tmp_path / "q"), *args])
+    assert res.exit_code == UsageError.exit_code and message in res.output
+    assert not list(tmp_path.iterdir())
