@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test install-runtime install-dev clean
+.PHONY: demo test lint-imports install-runtime install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The layering contracts of pyproject.toml ([tool.importlinter]); tests/test_layering.py runs them too.
+lint-imports: $(VENV)/.dev
+	$(BIN)/python scripts/lint_imports.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
