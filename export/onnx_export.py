@@ -60,7 +60,7 @@ class ExportReport:
 
     def summary(self) -> str:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
-        return f"bundle {self.bundle_dir}: {stages}; peak memory {self.peak_rss_gb:.2f} GB"
+        return f"bundle {self.bundle_dir}: {stages}; peak memory {self.peak_rss_gb:.2f} GB (largest process)"
 
 
 def _peak_rss_gb() -> float:
@@ -112,7 +112,7 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
     finally:
         shutil.rmtree(fp32_dir, ignore_errors=True)
     report.bundle_dir = bundle_dir
-    report.peak_rss_gb = _peak_rss_gb()
+    report.peak_rss_gb = max(_peak_rss_gb(), *report.stage_peak_gb.values())
     return report
 
 
@@ -164,7 +164,7 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
             with _stage(report, "validate", log):
                 report.validation = check_onnx(tmp, side, low_memory=big)
             log(report.validation.summary())
-        report.peak_rss_gb = _peak_rss_gb()
+        report.peak_rss_gb = max(_peak_rss_gb(), *report.stage_peak_gb.values())  # this process or a child
         manifest = _replace(manifest, export_info={
             **manifest.export_info, "peak_rss_gb": round(report.peak_rss_gb, 2),
             "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
