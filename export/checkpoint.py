@@ -393,7 +393,9 @@ class PartLoader:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {info.path / 'config.json'}: {exc}") from exc
         with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration(config)
+            # float32 throughout, as the graphs are: a streamed export traces this very model (its types become
+            # the graph's), and loaded parts are float32 anyway
+            model = Qwen2_5_VLForConditionalGeneration(config).float()
         # the rotary tables are computed buffers, not weights: build them for real
         visual, lm = model.model.visual, model.model.language_model
         visual.rotary_pos_emb = type(visual.rotary_pos_emb)(config.vision_config)

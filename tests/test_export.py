@@ -343,3 +343,19 @@ def test_export_refuses_a_bad_precision_before_any_work(tmp_path, tiny_checkpoin
     res = runner.invoke(app, ["export", str(tiny_checkpoint), str(tmp_path / "q"), *args])
     assert res.exit_code == UsageError.exit_code and message in res.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_streamed_decoder_from_a_bf16_checkpoint_is_float32_throughout(tmp_path):
+    # MMDuet2 ships bf16 weights; the streamed export traces the weightless model, whose types become the graph's.
+    # A bf16 type left in the graph broke ONNX Runtime's int8 quantizer (its shape inference) at 3B.
+    import edge_duet.export.onnx_export as ox
+    from edge_duet.export.checkpoint import PartLoader, inspect_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "c", "tiny", seed=5, dtype="bfloat16", flat_config=True)
+    parts = PartLoader(inspect_checkpoint(ckpt))
+    ox.export_decoder(parts.model, tmp_path, 18, force_dynamo=True, weights=parts.read)
+    model = onnx.load(str(tmp_path / "decoder.onnx"))
+    types = {v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    types |= {t.data_type for t in model.graph.initializer if t.data_type in (1, 10, 16)}
+    assert onnx.TensorProto.BFLOAT16 not in types and onnx.TensorProto.FLOAT in types
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
