@@ -452,7 +452,7 @@ class PartLoader:
         if part == "embed" and self.tied:
             self.model.lm_head.weight = self.model.model.language_model.embed_tokens.weight
 
-    def read(self, param) -> "np.ndarray":
+    def read(self, param):
         """One weight, as float32 numpy, read from the checkpoint for a (meta) parameter of the model: how a
         streamed export writes weights without loading the part."""
         from safetensors import safe_open

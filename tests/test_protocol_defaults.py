@@ -54,7 +54,6 @@ def test_export_without_flags_uses_mmduet2s_protocol(published):
 
 
 def test_a_camera_frame_gets_mmduet2s_token_budget_at_run_time(published):
-    from edge_duet.runtime.events import TurnStats
     from edge_duet.runtime.session import Session, SessionOptions
 
     _, bundle = published
