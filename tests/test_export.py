@@ -358,3 +358,23 @@ def test_a_streamed_decoder_from_a_bf16_checkpoint_is_float32_throughout(tmp_pat
     types |= {t.data_type for t in model.graph.initializer if t.data_type in (1, 10, 16)}
     assert onnx.TensorProto.BFLOAT16 not in types and onnx.TensorProto.FLOAT in types
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
+@pytest.mark.slow
+def test_export_memory_stays_within_a_multiple_of_the_weights(tmp_path):
+    # A mid-size shape (Qwen2.5-0.5B-like text, 0.54 B params: its graphs pass the size where export works part by
+    # part in child processes). The 3B export with validation peaks at 0.95x its float32 weight bytes
+    # (13.2 GB, docs/3b.md); fixed costs (libraries, tracing) weigh more here: measured 1.6x. Before the per-part
+    # export it was 2.65x here and the 3B was killed at 24 GB.
+    from edge_duet.export.checkpoint import inspect_checkpoint
+    from edge_duet.export.onnx_export import memory_plan
+
+    ckpt = make_checkpoint(tmp_path / "c", "perf", seed=0, dtype="bfloat16", flat_config=True)
+    plan = memory_plan(inspect_checkpoint(ckpt))
+    weights_gb = 4 * plan.total_params / 1024**3
+    report = export_bundle(ckpt, tmp_path / "b", ExportOptions(), log=lambda s: None)
+    peaks = report.stage_peak_gb
+    assert "decoder (child)" in peaks and "reference (child)" in peaks  # the big-model path was taken
+    assert report.peak_rss_gb <= 2.0 * weights_gb, (report.peak_rss_gb, weights_gb, peaks)
+    assert report.peak_rss_gb <= plan.need_gb(True), "the estimate export refuses by must not be optimistic"
+    assert peaks["decoder (child)"] < peaks["reference (child)"]  # streamed: the decoder's weights never all loaded
