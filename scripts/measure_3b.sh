@@ -3,7 +3,8 @@
 # checkpoint to running int4 bundle on this machine, each step under /usr/bin/time -v (wall time, peak RSS).
 #   bash scripts/measure_3b.sh [WORKDIR]        # default /tmp/edge-duet-3b; needs ~60 GB of disk, ~45 min on 2 cores
 #   STEPS="export quantize-cpu" bash scripts/measure_3b.sh    # only some steps (they reuse what earlier runs left)
-# Steps: checkpoint export quantize-cpu quantize-jetson export-quantize bench-cpu inspect. Results: WORKDIR/3b.tsv
+# Steps: checkpoint export quantize-cpu quantize-jetson export-quantize bench-cpu inspect (also bench-jetson,
+# bench-fp32: those bundles on the CPU; the fp32 one needs ~16 GB). Results: WORKDIR/3b.tsv
 # (step, wall s, peak RSS GB, exit code) and each step's log beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,9 @@ for step in $STEPS; do
     quantize-cpu) measure quantize-cpu edge-duet quantize "$W/fp32" "$W/cpu" --recipe cpu --overwrite ;;
     quantize-jetson) measure quantize-jetson edge-duet quantize "$W/fp32" "$W/jetson" --recipe jetson --overwrite ;;
     export-quantize) measure export-quantize edge-duet export "$W/ckpt" "$W/cpu-direct" --quantize cpu --overwrite ;;
-    bench-cpu) measure bench-cpu edge-duet bench "$W/cpu" --providers cpu --baseline none --turns 6 --at 1,6 \
-                 --reply-tokens 16 --no-drop-runs --json "$W/bench-cpu.json" ;;
+    bench-*) b=${step#bench-}  # bench-cpu, bench-jetson, bench-fp32: that bundle on the CPU provider
+       measure "$step" edge-duet bench "$W/$b" --providers cpu --baseline none --turns 6 --at 1,6 \
+                 --reply-tokens 16 --no-drop-runs --json "$W/$step.json" ;;
     inspect) for b in fp32 cpu jetson; do [ -d "$W/$b" ] && edge-duet inspect "$W/$b" > "$W/inspect-$b.txt"; done; true ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
