@@ -37,10 +37,24 @@ def cli():
     return typer.main.get_command(app)
 
 
+def _join_continued(numbered) -> list[tuple[int, str]]:
+    """(first line number, line) with every backslash continuation joined onto the line it continues."""
+    out, pending, start = [], "", 0
+    for i, line in numbered:
+        if not pending:
+            start = i
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        out.append((start, pending + line))
+        pending = ""
+    return out
+
+
 def code_spans(text: str) -> list[tuple[int, str]]:
     """(line number, code) for every fenced block line (continuations joined) and inline `code` span."""
     out: list[tuple[int, str]] = []
-    fenced, diagram, pending, start = False, False, "", 0
+    fenced, diagram, block = False, False, []
     lines = text.splitlines()
     for i, line in enumerate(lines, 1):
         if line.lstrip().startswith("```"):
@@ -49,35 +63,24 @@ def code_spans(text: str) -> list[tuple[int, str]]:
             if fenced:
                 end = next((j for j in range(i, len(lines)) if lines[j].lstrip().startswith("```")), len(lines))
                 diagram = any(ch in "─│┌└├" for ln in lines[i:end] for ch in ln)
+            else:
+                out += _join_continued(block)
+                block = []
             continue
         if fenced:
-            if diagram:
-                continue
-            if not pending:
-                start = i
-            if line.rstrip().endswith("\\"):
-                pending += line.rstrip()[:-1] + " "
-                continue
-            out.append((start, pending + line))
-            pending = ""
+            if not diagram:
+                block.append((i, line))
         else:
             out += [(i, m) for m in re.findall(r"`([^`]+)`", line)]
-    return out
+    return out + _join_continued(block)
 
 
 def script_lines(text: str) -> list[tuple[int, str]]:
     """A shell script's lines, continuations joined, ``${VAR:+...}`` expansions dropped (their flags are optional)."""
-    out, pending, start = [], "", 0
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith("#"):
-            continue
-        if not pending:
-            start = i
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        line = re.sub(r"\$\{[^}]*\}", "", pending + line)
-        pending = ""
+    out = []
+    code = ((i, line) for i, line in enumerate(text.splitlines(), 1) if not line.lstrip().startswith("#"))
+    for start, line in _join_continued(code):
+        line = re.sub(r"\$\{[^}]*\}", "", line)
         # edge-duet in a command position only (not in an echo'd message or a C string)
         m = re.search(r"(?:^\s*|(?:\|\||&&|;|\bthen|\bdo)\s+)(?=edge-duet\s)", line)
         if m:
