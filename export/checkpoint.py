@@ -344,16 +344,16 @@ def _check_safetensors_header(path: Path) -> None:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}): re-download or re-save it") from exc
 
 
-def load_model(path: str | Path, dtype: str | None = "float32"):
+def load_model(path: str | Path, dtype: str = "float32"):
     """Load a checked checkpoint as ``Qwen2_5_VLForConditionalGeneration`` in eval mode (needs the export extra).
-    ``dtype`` None keeps the checkpoint's own dtype (bfloat16 for MMDuet2: half the memory of float32)."""
+    Export does not use it: it reads one part at a time (``PartLoader``)."""
     torch = _require_torch()
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     info = inspect_checkpoint(path)
     try:
         model, loading = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            info.path, dtype="auto" if dtype is None else getattr(torch, dtype), output_loading_info=True
+            info.path, dtype=getattr(torch, dtype), output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load {info.path}: {exc}") from exc
