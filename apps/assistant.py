@@ -30,21 +30,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edge_duet.errors import EdgeDuetError, InputError, UsageError
+from edge_duet.errors import AssistantBusy, AssistantClosed, EdgeDuetError, InputError, UsageError
 
 log = logging.getLogger(__name__)
-
-
-class AssistantBusy(EdgeDuetError):
-    """Too many commands wait for the model: the app sends questions faster than turns run."""
-
-    exit_code = 10
-
-
-class AssistantClosed(EdgeDuetError):
-    """The assistant was closed; create a new one."""
-
-    exit_code = 11
 
 
 @dataclass(frozen=True)

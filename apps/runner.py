@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from edge_duet.protocol import MUST_REPLY_PREFIX
 from edge_duet.runtime.capture import CaptureThread, VideoSource
 from edge_duet.runtime.clock import Clock, FrameSampler, SamplerClosed
 
@@ -61,7 +62,7 @@ class RunOptions:
     display: bool = False
     read_stdin: bool = True
     status_line: bool | None = None  # None: only when stdout and stderr are terminals
-    must_reply_prefix: str = "I must reply.\n"
+    must_reply_prefix: str = MUST_REPLY_PREFIX
     join_timeout_s: float = 10.0
 
 

@@ -1,6 +1,8 @@
 """The small exception hierarchy every stage raises; the CLI maps each class to an exit code.
 
-Every message says what is wrong, what is allowed, and how to fix it.
+Every error class of the project is declared here, once. Every message says what is wrong, what is allowed, and
+how to fix it. Library messages name options and parameters as the API spells them (``max_context_tokens``);
+the CLI adds its flag where that helps (``apps/common.py``: :data:`FLAG_HINTS`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,34 @@ class ServerRejected(ServerError):
         super().__init__(message)
 
 
+class ChildFailed(EdgeDuetError):
+    """A child process (``edge_duet.isolate``) died without a result (killed for memory: exit -9)."""
+
+    exit_code = 1
+
+
+class JobFailed(EdgeDuetError):
+    """A benchmark job process reported an error or died; the others go on."""
+
+
+class JudgeError(EdgeDuetError):
+    """A judge endpoint that cannot be reached or refuses the requests (after the retries)."""
+
+    exit_code = 10
+
+
+class AssistantBusy(EdgeDuetError):
+    """Too many commands wait for the model: the app sends questions faster than turns run."""
+
+    exit_code = 10
+
+
+class AssistantClosed(EdgeDuetError):
+    """The assistant was closed; create a new one."""
+
+    exit_code = 11
+
+
 class MissingExtraError(EdgeDuetError):
     """An optional dependency is not installed; the message names the extra."""
 
@@ -100,6 +130,19 @@ class MissingExtraError(EdgeDuetError):
         super().__init__(
             f"{what} needs the Python package '{module}', which is not installed. "
             f'Install it with: pip install "edge-duet[{extra}]"'
+        )
+
+
+class TensorRTMissing(MissingExtraError):
+    """NVIDIA's ``tensorrt`` package (and a CUDA GPU) for building TensorRT engines."""
+
+    def __init__(self, what: str = "edge-duet build-engines"):
+        EdgeDuetError.__init__(
+            self,
+            f"{what} needs NVIDIA's `tensorrt` Python package and a CUDA GPU. On Jetson it ships with JetPack "
+            "(sudo apt install python3-libnvinfer; use the system Python or a venv with --system-site-packages); "
+            "on a desktop: pip install tensorrt (NVIDIA's package, matching the TensorRT your onnxruntime-gpu was "
+            "built with). Or build through ONNX Runtime instead: edge-duet build-engines BUNDLE --builder ort",
         )
 
 

@@ -16,13 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import EdgeDuetError
-
-
-class ChildFailed(EdgeDuetError):
-    """The child process died without a result (killed for memory: exit -9)."""
-
-    exit_code = 1
+from .errors import ChildFailed, EdgeDuetError
 
 
 def call(fn: Callable, *args: Any, what: str = "the worker", quiet: bool = True) -> Any:

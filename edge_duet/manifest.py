@@ -24,10 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .protocol import PromptSpec  # noqa: F401  (the manifest's ``prompt``; declared with the protocol's facts)
 
 FORMAT_NAME = "edge-duet-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The three graphs of a bundle, in the order a turn runs them (each is ``<name>.onnx``).
+GRAPH_NAMES = ("vision", "embed", "decoder")
+# Files below this size get a sha256 in the manifest (``files``); bigger ones are checked by size only.
+SMALL_FILE_BYTES = 64 * 1024**2
+# A graph whose weights pass this is written with external data (``*.onnx.data``) and, on export, by the
+# memory-frugal streamed exporter: comfortably below protobuf's hard 2 GB limit on one serialized message.
+EXTERNAL_DATA_OVER_BYTES = 1536 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -135,18 +143,6 @@ class TokenSpec:
             vision_end=tid("<|vision_end|>"), image_pad=tid("<|image_pad|>"), video_pad=tid("<|video_pad|>"),
             endoftext=endoftext, eos_ids=(im_end, endoftext),
         )
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """The proactive protocol's defaults (see shared/PROTOCOL.md); all overridable by the user."""
-
-    system_prompt: str
-    no_reply_text: str = "NO REPLY"  # edge_duet.protocol.NO_REPLY
-    must_reply_prefix: str = "I must reply.\n"  # edge_duet.protocol.MUST_REPLY_PREFIX
-    frame_interval_s: float = 1.0
-    frames_per_turn: int = 2
-    max_context_tokens: int = 8192
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,13 @@ MMDUET2_SYSTEM_PROMPT = (
 )
 # Qwen2.5-VL's chat template writes this when a dialogue has no system turn.
 QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+# The demo model's own system prompt (train/, edge_duet/models/demo). It is no default: a checkpoint without
+# proactive.json gets MMDuet2's; the demo checkpoint carries this one in its proactive.json.
+DEMO_SYSTEM_PROMPT = (
+    "You are watching a live video. Frames arrive continuously, one user turn at a time. "
+    "Answer the user's questions from what the video shows. When you reply, say what the video showed since "
+    "your last reply. If the frames so far cannot answer the question, output NO REPLY."
+)
 
 # Frame timing: MMDuet2 recommends 1 s per frame at inference, 2 frames per user turn.
 MMDUET2_FRAME_INTERVAL_S = 1.0
@@ -44,7 +51,6 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .errors import CheckpointError  # noqa: E402
-from .manifest import PromptSpec  # noqa: E402
 
 PROACTIVE_FILE = "proactive.json"
 # The settings a bundle's protocol is made of, in the order `inspect` prints them.
@@ -52,8 +58,22 @@ SETTINGS = ("system_prompt", "frame_interval_s", "frames_per_turn", "max_context
 
 
 @dataclass(frozen=True)
-class ProactiveDefaults:
-    """edge-duet's proactive settings carried by a checkpoint (``proactive.json``), copied into bundles.
+class PromptSpec:
+    """A bundle's proactive protocol (the manifest's ``prompt``; shared/PROTOCOL.md), every field defaulting to
+    MMDuet2's value. Overridable at run time (``SessionOptions``)."""
+
+    system_prompt: str = MMDUET2_SYSTEM_PROMPT
+    no_reply_text: str = NO_REPLY
+    must_reply_prefix: str = MUST_REPLY_PREFIX
+    frame_interval_s: float = MMDUET2_FRAME_INTERVAL_S
+    frames_per_turn: int = MMDUET2_FRAMES_PER_TURN
+    max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
+
+
+@dataclass(frozen=True)
+class ProactiveDefaults(PromptSpec):
+    """edge-duet's proactive settings carried by a checkpoint (``proactive.json``), copied into bundles: the
+    bundle's :class:`PromptSpec` fields (inherited, so each is declared once) plus the per-frame pixel budget.
 
     Every field defaults to MMDuet2's value, so a checkpoint without the file runs MMDuet2's protocol.
     ``max_pixels`` (the per-frame pixel budget) ``None`` means: MMDuet2's budget where the checkpoint has no
@@ -61,13 +81,7 @@ class ProactiveDefaults:
     ``present`` names the fields the file actually set (for the manifest's ``protocol_sources``).
     """
 
-    system_prompt: str = MMDUET2_SYSTEM_PROMPT
-    frame_interval_s: float = MMDUET2_FRAME_INTERVAL_S
-    frames_per_turn: int = MMDUET2_FRAMES_PER_TURN
-    max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
     max_pixels: int | None = None
-    no_reply_text: str = NO_REPLY
-    must_reply_prefix: str = MUST_REPLY_PREFIX
     extra: dict = field(default_factory=dict)
     present: frozenset = field(default=frozenset(), compare=False, repr=False)
 

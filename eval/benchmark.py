@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_duet.protocol import MUST_REPLY_PREFIX, NO_REPLY
+
 from . import scenes as sc
 
 SUBSETS: tuple[str, ...] = ("appear", "leave", "change", "move", "count", "multi")
 DURATIONS_S: tuple[float, ...] = (16.0, 18.0, 20.0, 22.0, 24.0)
 RELATED_S = 4.0  # how long after an event its answer stays relevant
 MIN_GAP_S = 3.0  # events of one scene are at least this far apart (> one 2-s turn: one event per turn)
-MUST_REPLY_PREFIX = "I must reply.\n"
-NO_REPLY = "NO REPLY"
 
 Q_APPEAR_ANY = "Tell me when something appears."
 Q_APPEAR_COLOUR = "Tell me when a {colour} object appears."

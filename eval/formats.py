@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edge_duet.errors import InputError
-
-NO_REPLY = "NO REPLY"
+from edge_duet.protocol import NO_REPLY
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,10 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from edge_duet.errors import EdgeDuetError, UsageError
+from edge_duet.errors import JudgeError, UsageError
 
 from . import facts
 from .textnorm import content_tokens, key_category, normalise
-
-
-class JudgeError(EdgeDuetError):
-    """A judge endpoint that cannot be reached or refuses the requests (after the retries)."""
-
-    exit_code = 10
 
 
 @dataclass(frozen=True)

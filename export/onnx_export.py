@@ -23,13 +23,11 @@ from edge_duet import isolate
 from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import CheckpointError
 from edge_duet.manifest import (
-    GraphSpec, Manifest, PreprocessSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
+    EXTERNAL_DATA_OVER_BYTES as BIG_GRAPH, GRAPH_NAMES, SMALL_FILE_BYTES as SMALL_FILE, GraphSpec, Manifest,
+    PreprocessSpec, TensorSpec, TextSpec, TokenSpec, VisionSpec, sha256_file,
 )
 
 from .checkpoint import CheckpointInfo, PartLoader, inspect_checkpoint
-
-TWO_GB = 2 * 1024**3
-SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
                        options.validate, stream=in_children)
         vision = None
         cases = None
-        steps = ("vision", "embed", "decoder") + (("reference",) if in_children and options.validate else ())
+        steps = GRAPH_NAMES + (("reference",) if in_children and options.validate else ())
         for part in steps:
             with _stage(report, part, log):
                 if in_children:
@@ -408,7 +406,7 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
 # ----------------------------------------------------------------------------------------------- graphs
 
 
-BIG_GRAPH = 1536 * 1024**2  # graphs whose weights pass this take the memory-frugal exporter
+# BIG_GRAPH (edge_duet.manifest.EXTERNAL_DATA_OVER_BYTES): graphs whose weights pass it take the memory-frugal exporter
 
 
 def _torch_export(graph, args, path: Path, input_names, output_names, dynamic_axes: dict, arg_groups=None,

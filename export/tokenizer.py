@@ -12,6 +12,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from edge_duet.protocol import DEMO_SYSTEM_PROMPT, MUST_REPLY_PREFIX, NO_REPLY, QWEN_SYSTEM_PROMPT
+
 # Order matters only for the ids they get; Qwen puts them right after the BPE vocabulary.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -26,7 +28,7 @@ SPECIAL_TOKENS = (
 # Qwen2-VL's template, reduced to what a proactive dialogue uses (system / user with images and text / assistant).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    + QWEN_SYSTEM_PROMPT + "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
@@ -36,14 +38,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# The demo model's own system prompt (train/); checkpoints without proactive.json get MMDuet2's
-# (edge_duet.protocol.MMDUET2_SYSTEM_PROMPT) instead.
-DEMO_SYSTEM_PROMPT = (
-    "You are watching a live video. Frames arrive continuously, one user turn at a time. "
-    "Answer the user's questions from what the video shows. When you reply, say what the video showed since "
-    "your last reply. If the frames so far cannot answer the question, output NO REPLY."
-)
-
 
 def default_corpus() -> list[str]:
     """A small English corpus covering the protocol's fixed phrases and everyday scene words."""
@@ -51,10 +45,10 @@ def default_corpus() -> list[str]:
     shapes = "circle square triangle star ring box ball cup person car dog cat hand bowl egg".split()
     verbs = "appears moves leaves enters stops turns changes falls opens closes picks puts holds".split()
     lines = [
-        "NO REPLY",
-        "I must reply.\n",
+        NO_REPLY,
+        MUST_REPLY_PREFIX,
         DEMO_SYSTEM_PROMPT,
-        "You are a helpful assistant.",
+        QWEN_SYSTEM_PROMPT,
         "What is happening in the video? Tell me when something changes.",
         "What is the cook doing? She is cracking two eggs into a bowl.",
         "How many objects are there? There are three objects now.",

@@ -33,27 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edge_duet.errors import BundleError, EdgeDuetError, MissingExtraError, UsageError
+from edge_duet.errors import BundleError, TensorRTMissing, UsageError
+from edge_duet.manifest import GRAPH_NAMES as GRAPHS
 from edge_duet.manifest import Manifest
 from edge_duet.runtime.gpu import (
     RECORD_KEY, Profile, device_info, engine_records, graph_fingerprint, profiles_for, stale_reasons,
 )
 
 ENGINE_DIR = "engines"
-GRAPHS = ("vision", "embed", "decoder")
 # ops TensorRT cannot run: ONNX Runtime contrib ops and the integer-arithmetic ops of dynamic quantization
 NOT_FOR_TENSORRT = {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger"}
-
-
-class TensorRTMissing(MissingExtraError):
-    def __init__(self, what: str = "edge-duet build-engines"):
-        EdgeDuetError.__init__(
-            self,
-            f"{what} needs NVIDIA's `tensorrt` Python package and a CUDA GPU. On Jetson it ships with JetPack "
-            "(sudo apt install python3-libnvinfer; use the system Python or a venv with --system-site-packages); "
-            "on a desktop: pip install tensorrt (NVIDIA's package, matching the TensorRT your onnxruntime-gpu was "
-            "built with). Or build through ONNX Runtime instead: edge-duet build-engines BUNDLE --builder ort",
-        )
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,13 @@ from typing import Any, Callable
 
 from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import BundleError, UsageError, ValidationError
+from edge_duet.manifest import EXTERNAL_DATA_OVER_BYTES as EXTERNAL_DATA_OVER
+from edge_duet.manifest import GRAPH_NAMES as GRAPHS
 from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
+from edge_duet.manifest import SMALL_FILE_BYTES as SMALL_FILE
 
 from .lazy import load_lazy
 
-GRAPHS = ("vision", "embed", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4", "w8-fp16", "int4-fp16", "int4-qdq")
 LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "w8", "int4")
 PRESETS: dict[str, str] = {
@@ -66,8 +68,6 @@ PRESETS: dict[str, str] = {
     # TensorRT engines (build-engines --precision fp16): plain-op graphs, the decoder's weights int4 via Q/DQ
     "trt-int4": "vision=fp32,embed=fp32,decoder=int4-qdq",
 }
-SMALL_FILE = 64 * 1024**2  # files below this get a checksum in the manifest (as export does)
-EXTERNAL_DATA_OVER = 1536 * 1024**2  # graphs whose weights pass this are saved with external data
 
 _FLOAT_TYPES = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_duet.errors import BundleError, ProviderError
-from edge_duet.manifest import Manifest
+from edge_duet.manifest import GRAPH_NAMES, Manifest
 
 from .vision_index import Grid, vision_inputs
 
@@ -103,7 +103,7 @@ class Engine:
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None,
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 low_memory: bool = False, graphs: Sequence[str] = ("vision", "embed", "decoder")):
+                 low_memory: bool = False, graphs: Sequence[str] = GRAPH_NAMES):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)

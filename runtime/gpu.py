@@ -27,12 +27,12 @@ from typing import Sequence
 import numpy as np
 
 from edge_duet.errors import BundleError
+from edge_duet.manifest import GRAPH_NAMES as GRAPHS
 from edge_duet.manifest import Manifest, sha256_file
 
 from .engine import Engine, KVCache, resolve_providers
 
 RECORD_KEY = "tensorrt_engines"  # Manifest.export_info key until the manifest has an ``engines`` field
-GRAPHS = ("vision", "embed", "decoder")
 CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 
 

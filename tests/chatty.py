@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from edge_duet.export.checkpoint import load_model, make_checkpoint
-from edge_duet.export.tokenizer import DEMO_SYSTEM_PROMPT
+from edge_duet.protocol import DEMO_SYSTEM_PROMPT
 from edge_duet.export.reference import TorchReference
 from edge_duet.manifest import PreprocessSpec, TokenSpec
 from edge_duet.protocol import ProactiveDefaults

@@ -24,9 +24,8 @@ import numpy as np
 
 from edge_duet.eval import benchmark as bm
 from edge_duet.eval import scenes as sc
-from edge_duet.export.tokenizer import DEMO_SYSTEM_PROMPT
-
-QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
+from edge_duet.protocol import DEMO_SYSTEM_PROMPT
+from edge_duet.protocol import QWEN_SYSTEM_PROMPT as QWEN_DEFAULT_SYSTEM
 EVENTS = ("none", "appeared", "moved", "recoloured", "left")
 N_COLOUR, N_SHAPE, N_EVENT = len(sc.COLOUR_NAMES) + 1, len(sc.SHAPES) + 1, len(EVENTS)
 
