@@ -264,13 +264,15 @@ class MemoryPlan:
         """Estimated peak of the largest step (each runs alone, in its own process; measured at 3B in docs/3b.md):
         the vision graph (its weights in float32), the embedding table (the TorchScript exporter holds ~4 copies),
         the decoder (streamed: about one weight at a time), and when validating the PyTorch reference (the language
-        model in float32) and ONNX Runtime holding the decoder and embedding graphs. Plus ~1.2 GB of libraries."""
+        model in float32) and ONNX Runtime holding the decoder and embedding graphs. Plus a fixed 1.6 GB: libraries, the
+        tracer and ONNX Runtime's arenas (measured 0.6 GB above the graph's bytes at 3B, up to 1.41 GB at the 0.5B
+        `perf` shape on CI's machine, where 1.2 GB proved optimistic)."""
         p, f32, gb = self.params, 4, 1024**3
         head = p["embed"] if self.tied else p["lm_head"]
         steps = [p["vision"] * f32, 4 * p["embed"] * f32, 2 * max(p["embed"], head) * f32]
         if validate:
             steps += [(p["embed"] + p["lm_head"] + p["decoder"]) * f32, (p["decoder"] + p["embed"] + head) * f32]
-        return max(steps) / gb * 1.05 + 1.2
+        return max(steps) / gb * 1.05 + 1.6
 
 def memory_plan(info: CheckpointInfo) -> MemoryPlan:
     params = {"vision": 0, "embed": 0, "lm_head": 0, "decoder": 0}
