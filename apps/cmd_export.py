@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         hidden_size: Optional[int] = typer.Option(None, help="Override the text hidden size."),
         num_layers: Optional[int] = typer.Option(None, help="Override the number of decoder layers."),
         vision_depth: Optional[int] = typer.Option(None, help="Override the vision depth."),
+        overwrite: bool = typer.Option(False, help="Replace a checkpoint already in OUT_DIR."),
     ):
         """Write a random-weight Qwen2.5-VL checkpoint with MMDuet2's file layout (for tests and benchmarks)."""
         from edge_duet.export.checkpoint import make_checkpoint, shape_from_name
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
         if vision_depth is not None:
             overrides["fullatt_block_indexes"] = (vision_depth - 1,)
         path = make_checkpoint(out_dir, shape_from_name(shape, **overrides), seed=seed, dtype=dtype,
-                               flat_config=flat_config, init_std=init_std)
+                               flat_config=flat_config, init_std=init_std, overwrite=overwrite)
         typer.echo(f"wrote {shape} checkpoint to {path}")
 
     @app.command("export")

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edge_duet.errors import CheckpointError
+from edge_duet.bundle_io import staged_bundle
+from edge_duet.errors import CheckpointError, UsageError
 from edge_duet.protocol import PROACTIVE_FILE, ProactiveDefaults, read_proactive
 
 from .tokenizer import build_tokenizer, write_tokenizer_files
@@ -208,6 +209,7 @@ def make_checkpoint(
     dtype: str = "float32",
     flat_config: bool = False,
     init_std: float | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write a random-weight ``Qwen2_5_VLForConditionalGeneration`` checkpoint with MMDuet2's file layout.
 
@@ -215,6 +217,9 @@ def make_checkpoint(
     ``init_std`` overrides the initializer range (bigger gives sharper, more varied random logits).
     ``flat_config`` writes MMDuet2's published layout: the flat hub ``config.json`` and no ``proactive.json``
     (unless ``proactive`` is given), so an export of it runs on MMDuet2's defaults.
+    The files are written into a temporary folder beside ``out_dir`` and renamed into place when complete: a failed or
+    interrupted run leaves no half-written checkpoint. An existing checkpoint there is replaced only with
+    ``overwrite``; a non-empty folder that is not a checkpoint is never touched.
     """
     torch = _require_torch()
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -222,7 +227,7 @@ def make_checkpoint(
     shape = shape_from_name(shape) if isinstance(shape, str) else shape
     shape.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_checkpoint_target(out, overwrite)
     tok = tokenizer if tokenizer is not None else build_tokenizer()
     token_ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                                                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
@@ -244,15 +249,28 @@ def make_checkpoint(
     finally:
         torch.set_default_dtype(previous)
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    if flat_config:
-        (out / "config.json").write_text(json.dumps(flat_hub_config(cfg_dict, dtype), indent=2) + "\n")
-    write_tokenizer_files(out, tok)
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(shape), indent=2) + "\n")
-    if proactive is not None or not flat_config:  # flat_config is MMDuet2's layout: no edge-duet settings file
-        p = proactive or ProactiveDefaults()
-        (out / PROACTIVE_FILE).write_text(json.dumps(p.to_json(), indent=2) + "\n")
+    with staged_bundle(out, overwrite=True) as tmp:  # the target was checked above
+        model.save_pretrained(tmp, safe_serialization=True)
+        if flat_config:
+            (tmp / "config.json").write_text(json.dumps(flat_hub_config(cfg_dict, dtype), indent=2) + "\n")
+        write_tokenizer_files(tmp, tok)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(shape), indent=2) + "\n")
+        if proactive is not None or not flat_config:  # flat_config is MMDuet2's layout: no edge-duet settings file
+            p = proactive or ProactiveDefaults()
+            (tmp / PROACTIVE_FILE).write_text(json.dumps(p.to_json(), indent=2) + "\n")
     return out
+
+
+def _check_checkpoint_target(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target ``make_checkpoint`` must not replace."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; a checkpoint is a folder: give a new folder name")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise UsageError(f"{out} is a folder with other files in it, not a checkpoint: give a new folder name "
+                             "(nothing was written)")
+        if not overwrite:
+            raise UsageError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
 
 
 def flat_hub_config(nested: dict[str, Any], dtype: str = "bfloat16") -> dict[str, Any]:

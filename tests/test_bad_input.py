@@ -318,3 +318,22 @@ def test_os_errors_without_a_check_are_one_line(monkeypatch):
     result = CliRunner().invoke(demo, [])
     assert result.exit_code == 1 and not isinstance(result.exception, OSError)
     assert "error: /data/out.jsonl: No space left on device" in result.output
+
+
+def test_make_checkpoint_never_replaces_what_it_should_not(home):
+    pytest.importorskip("torch", reason="make-checkpoint needs the export extra")
+    from edge_duet.errors import UsageError
+
+    # a folder of the user's that is not a checkpoint: refused, untouched, nothing left beside it
+    proc = edge_duet("make-checkpoint", "results", cwd=home)
+    assert_fails(proc, UsageError.exit_code, "not a checkpoint")
+    assert (home / "results" / "old-run.jsonl").read_text() == '{"kept": true}\n'
+    assert not [p for p in home.iterdir() if p.name.startswith(".")]
+    # a checkpoint: written whole, then replaced only with --overwrite
+    assert edge_duet("make-checkpoint", "ckpt", cwd=home).returncode == 0
+    config = (home / "ckpt" / "config.json").read_text()
+    assert_fails(edge_duet("make-checkpoint", "ckpt", "--seed", "1", cwd=home), UsageError.exit_code, "--overwrite")
+    assert (home / "ckpt" / "config.json").read_text() == config
+    assert edge_duet("make-checkpoint", "ckpt", "--overwrite", "--flat-config", cwd=home).returncode == 0
+    assert not (home / "ckpt" / "proactive.json").exists()  # replaced, not written over: no stale file left
+    assert not [p for p in home.iterdir() if p.name.startswith(".")]  # no staging folder left behind
