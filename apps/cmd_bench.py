@@ -87,7 +87,8 @@ def bench_command(
     from edge_duet.apps.outputs import check_file
     from edge_duet.errors import UsageError
     from edge_duet.manifest import Manifest
-    from edge_duet.runtime.bench import BenchOptions, Job, run_bench
+    from edge_duet.bench.harness import Job, run_bench
+    from edge_duet.bench.stream import BenchOptions
 
     remote = ro.server_options(server, served_model, server_token, server_api, server_image, server_timeout)
     check_file(json_out, "--json", "bench.json")
@@ -132,7 +133,7 @@ def bench_command(
             raise UsageError(msg)
         eprint(f"warning: baseline skipped: {msg}")
     else:
-        jobs += [Job(f"transformers {kind}", "transformers", "edge_duet.export.baseline:DemoLoop",
+        jobs += [Job(f"transformers {kind}", "transformers",
                      {"checkpoint": str(ckpt), "options": asdict(opts), "rerender": BASELINES[kind],
                       "system_prompt": manifest.prompt.system_prompt, "no_reply_text": manifest.prompt.no_reply_text},
                      str(bundle)) for kind in wanted]
@@ -152,7 +153,7 @@ def bench_command(
 def _bench_streams(target: Optional[Path], remote, streams: str, turns: Optional[int], frame_size: str,
                    reply_tokens: int, max_context: Optional[int], quick: bool, json_out: Path) -> None:
     """`bench --server`: per-turn latency and server throughput against the number of concurrent streams."""
-    from edge_duet.runtime.remote_bench import StreamsOptions, format_streams, report, run_streams
+    from edge_duet.bench.streams import StreamsOptions, format_streams, report, run_streams
     from edge_duet.runtime.session import SessionOptions
 
     model = ro.require_model(target)
@@ -188,13 +189,13 @@ def speedups(summaries: list[dict], jobs: list[dict]) -> dict:
 def _edge_jobs(bundles: list[Path], providers: list[str], drops: list, opts) -> list:
     """One job per bundle x provider x token-drop setting, named "edge VARIANT [PROVIDER] [drop]"."""
     from edge_duet.manifest import Manifest
-    from edge_duet.runtime.bench import Job
+    from edge_duet.bench.harness import Job
 
     labels = [Manifest.load(b).variant for b in bundles]
     labels = [lab if labels.count(lab) == 1 or i == 0 else Path(b).name
               for i, (b, lab) in enumerate(zip(bundles, labels))]
     return [Job(" ".join(x for x in ("edge", lab, prov if len(providers) > 1 else "", "drop" if drop else "") if x),
-                "edge", "edge_duet.runtime.bench:EdgeRunner",
+                "edge",
                 {"bundle": str(b), "options": asdict(opts), "provider": prov, "token_drop": drop},
                 str(b), lab, prov, drop)
             for b, lab in zip(bundles, labels) for prov in providers for drop in drops]
@@ -248,7 +249,7 @@ def _resolve_target(target: Optional[Path], shape: Optional[str], checkpoint: Op
                          "`edge-duet bench --shape bench` or `edge-duet bench ./bundle`")
     if shape is not None:
         require("torch", "export", "--shape (making and exporting a random checkpoint)")
-        from edge_duet.export.baseline import prepare_shape, shape_names
+        from edge_duet.bench.baseline import prepare_shape, shape_names
 
         if shape not in shape_names():
             raise UsageError(f"unknown shape {shape!r}; choose one of: {', '.join(shape_names())}")
@@ -260,7 +261,7 @@ def _resolve_target(target: Optional[Path], shape: Optional[str], checkpoint: Op
         return checkpoint, target
     if (target / "config.json").is_file():
         require("torch", "export", "Benchmarking a checkpoint (it is exported first)")
-        from edge_duet.export.baseline import prepare_checkpoint
+        from edge_duet.bench.baseline import prepare_checkpoint
 
         return target, prepare_checkpoint(target, cache, validate=validate, log=eprint)
     raise UsageError(f"{target} is neither a bundle (manifest.json) nor a checkpoint (config.json)")

@@ -60,6 +60,10 @@ VIOLATIONS = {
                                  "edge_duet.eval.pauc -> edge_duet.runtime.events"),
     "quant imports export": ("quant/engines.py", "from edge_duet.export import checkpoint", "layers",
                              "edge_duet.quant.engines -> edge_duet.export.checkpoint"),
+    "runtime imports bench": ("runtime/clock.py", "from edge_duet.bench import stream", "runtime",
+                              "edge_duet.runtime.clock -> edge_duet.bench.stream"),
+    "export imports bench": ("export/graphs.py", "from edge_duet.bench import stream", "layers",
+                             "edge_duet.export.graphs -> edge_duet.bench.stream"),
     "public API imports train": ("edge_duet/__init__.py", "from .train import sft", "public-api",
                                  "edge_duet -> edge_duet.train.sft"),
 }

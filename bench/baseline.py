@@ -42,10 +42,11 @@ import numpy as np
 
 from edge_duet.errors import CheckpointError
 
-from .checkpoint import SHAPES, CheckpointShape, load_model, make_checkpoint, shape_from_name
+from edge_duet.export.checkpoint import SHAPES, CheckpointShape, load_model, make_checkpoint, shape_from_name
+
 
 def bench_shape(name: str) -> CheckpointShape:
-    """A named shape of export.checkpoint.SHAPES; "bench" is Qwen2.5-VL in miniature (GQA 4:1, M-RoPE, windowed
+    """A named shape of edge_duet.export.checkpoint.SHAPES; "bench" is Qwen2.5-VL in miniature (GQA 4:1, M-RoPE, windowed
     ViT, the real 151,936-token vocabulary) small enough that 200 turns of edge-duet and the transformers loops
     side by side fit in well under an hour on a 2-core CPU (docs/performance.md)."""
     return shape_from_name(name)
@@ -87,7 +88,7 @@ def prepare_checkpoint(checkpoint: str | Path, cache_dir: str | Path, validate: 
 
 
 def export_into(ckpt: Path, bundle: Path, validate: bool, log: Callable[[str], None]) -> None:
-    from .onnx_export import ExportOptions, export_bundle
+    from edge_duet.export.onnx_export import ExportOptions, export_bundle
 
     log(f"exporting {ckpt} to {bundle} ...")
     export_bundle(ckpt, bundle, ExportOptions(validate=validate, overwrite=True), log=log)
@@ -104,7 +105,7 @@ class DemoLoop:
                  rerender: bool = True):
         import torch
 
-        from edge_duet.runtime.bench import BenchOptions, Script
+        from .stream import BenchOptions, Script
 
         self.torch = torch
         self.opts = BenchOptions.from_dict(options)
@@ -138,7 +139,7 @@ class DemoLoop:
     def turn(self, n: int) -> dict:
         from PIL import Image
 
-        from edge_duet.runtime.bench import synthetic_frames
+        from .stream import synthetic_frames
 
         torch, o = self.torch, self.opts
         reply = n in o.reply_turns

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .events import Reply, TurnStats
-from .remote import RemoteSession, ServerOptions
-from .session import SessionOptions
+from edge_duet.runtime.events import Reply, TurnStats
+from edge_duet.runtime.remote import RemoteSession, ServerOptions
+from edge_duet.runtime.session import SessionOptions
 
 
 @dataclass(frozen=True)
