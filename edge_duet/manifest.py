@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .families import DEFAULT_FAMILY, family_of_bundle
 from .protocol import PromptSpec  # noqa: F401  (the manifest's ``prompt``; declared with the protocol's facts)
 
 FORMAT_NAME = "edge-duet-bundle"
@@ -162,6 +163,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (small files only)
     # where each protocol setting came from: "mmduet2-default", "proactive.json", "export option", ...
     protocol_sources: dict[str, str] = field(default_factory=dict)
+    family: str = DEFAULT_FAMILY  # edge_duet.families: which model family the graphs are (older bundles: Qwen2.5-VL)
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ io
@@ -226,6 +228,7 @@ class Manifest:
                 export_info=dict(data.get("export_info", {})),
                 files=dict(data.get("files", {})),
                 protocol_sources=dict(data.get("protocol_sources", {})),
+                family=family_of_bundle(data.get("family", DEFAULT_FAMILY), where).name,
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -20,13 +20,14 @@ from typing import Any
 
 from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import CheckpointError, UsageError
+from edge_duet.families import DEFAULT_FAMILY, QWEN2_5_VL, check_geometry, family_for_config
 from edge_duet.protocol import PROACTIVE_FILE, ProactiveDefaults, read_proactive
 
 from .tokenizer import build_tokenizer, write_tokenizer_files
 
 __all__ = ["ProactiveDefaults", "read_proactive", "make_checkpoint", "inspect_checkpoint", "load_model"]
 
-ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+ARCHITECTURE = QWEN2_5_VL.architectures[0]  # the class make_checkpoint writes
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -304,6 +305,7 @@ class CheckpointInfo:
     weight_files: tuple[Path, ...]
     proactive: ProactiveDefaults
     preprocessor: dict[str, Any]
+    family: str = DEFAULT_FAMILY  # edge_duet.families: the model family its config declares
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
@@ -318,12 +320,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    archs = config.get("architectures") or []
-    if ARCHITECTURE not in archs and config.get("model_type") != "qwen2_5_vl":
-        raise CheckpointError(
-            f"{path} is a {archs or config.get('model_type')!r} checkpoint; edge-duet exports "
-            f"{ARCHITECTURE} (Qwen2.5-VL, MMDuet2 and other Qwen2.5-VL fine-tunes) only"
-        )
+    family = family_for_config(config, where=str(path))
     missing = [n for n in ("tokenizer.json", "preprocessor_config.json") if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: copy the complete model directory")
@@ -341,8 +338,13 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             raise CheckpointError(f"weight file {f} is missing: copy the complete model directory")
         _check_safetensors_header(f)
     proactive = read_proactive(path)
-    pre = json.loads((path / "preprocessor_config.json").read_text())
-    return CheckpointInfo(path=path, config=config, weight_files=files, proactive=proactive, preprocessor=pre)
+    try:
+        pre = json.loads((path / "preprocessor_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / 'preprocessor_config.json'} is not valid JSON: {exc}") from exc
+    check_geometry(family, pre, where=str(path))
+    return CheckpointInfo(path=path, config=config, weight_files=files, proactive=proactive, preprocessor=pre,
+                          family=family.name)
 
 
 def _check_safetensors_header(path: Path) -> None:

@@ -395,7 +395,7 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
     preprocess = dataclasses.replace(preprocess, max_pixels=max_pixels)
     return Manifest(
         name=options.name or info.path.name, text=text, vision=vision, preprocess=preprocess, tokens=tokens,
-        prompt=prompt, graphs={}, protocol_sources=sources,
+        prompt=prompt, graphs={}, protocol_sources=sources, family=info.family,
         export_info={
             "checkpoint_max_pixels": stock_max_pixels,
             "checkpoint": str(info.path), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
