@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from edge_duet import isolate
-from edge_duet.errors import EdgeDuetError
+from edge_duet.errors import JobFailed, PeerUnavailable
 
 from .limits import graph_weights, machine_info, measure_bandwidth, measure_matmul, prefill_flops, vision_flops
 from .stream import BenchOptions, synthetic_frames
@@ -46,14 +46,6 @@ class Job:
     variant: str = "fp32"
     provider: str = "cpu"
     token_drop: float | None = None
-
-
-class JobFailed(EdgeDuetError):
-    """A job process reported an error or died; the others go on."""
-
-
-class PeerUnavailable(EdgeDuetError):
-    """A peer runtime cannot run this model here (not installed, cannot convert it, no multimodal path)."""
 
 
 def _start(job: Job) -> isolate.Worker:

@@ -103,6 +103,10 @@ class JobFailed(EdgeDuetError):
     """A benchmark job process reported an error or died; the others go on."""
 
 
+class PeerUnavailable(EdgeDuetError):
+    """A peer runtime cannot run this model here (not installed, cannot convert it, no multimodal path)."""
+
+
 class JudgeError(EdgeDuetError):
     """A judge endpoint that cannot be reached or refuses the requests (after the retries)."""
 
