@@ -37,6 +37,10 @@ SMALL_FILE_BYTES = 64 * 1024**2
 # A graph whose weights pass this is written with external data (``*.onnx.data``) and, on export, by the
 # memory-frugal streamed exporter: comfortably below protobuf's hard 2 GB limit on one serialized message.
 EXTERNAL_DATA_OVER_BYTES = 1536 * 1024**2
+# Decoder flavours a bundle may hold, by the graph name each is stored under. "plain" (plain ONNX ops, every
+# provider, TensorRT) is always there; "fused" (ONNX Runtime contrib ops: GroupQueryAttention over a KV buffer
+# written in place) is added by newer exports. Older bundles list only "decoder": still format 1.
+DECODER_FLAVOURS = {"plain": "decoder", "fused": "decoder_fused"}
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,11 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{path} is unreadable or not JSON ({exc}). Re-export the bundle.") from exc
         return cls.from_json(data, where=str(path))
+
+    @property
+    def decoder_flavours(self) -> tuple[str, ...]:
+        """The decoder flavours this bundle has ("plain", and "fused" when it has ``decoder_fused``)."""
+        return tuple(f for f, g in DECODER_FLAVOURS.items() if g in self.graphs)
 
     def check_files(self, bundle_dir: str | Path) -> None:
         """Raise one :class:`BundleError` listing every listed file that is missing or altered."""

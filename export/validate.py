@@ -178,86 +178,88 @@ def check_onnx(bundle_dir: str | Path, torch_side: TorchSide, tol: Tolerance = T
                low_memory: bool = False) -> ValidationReport:
     """Drive the bundle's graphs as the runtime does and compare with ``torch_side``. The vision graph is loaded
     alone and freed before the embedding and decoder graphs are."""
-    from edge_duet.runtime.engine import Engine, KVCache
-    from edge_duet.runtime.session import Chunk, assemble
+    from edge_duet.runtime.engine import Engine
 
     plan = torch_side.plan
-    merge = plan.manifest.vision.merge_size
     engine = Engine(bundle_dir, providers="cpu", low_memory=low_memory, graphs=("vision",))
     vis = engine.encode_frames(np.concatenate([p for p, _ in plan.pre]), [g for _, g in plan.pre])
     del engine
     gc.collect()
-    frame_chunks, start = [], 0
-    for _, (t, gh, gw) in plan.pre:
-        n = t * (gh // merge) * (gw // merge)
-        frame_chunks.append(Chunk(embeds=vis[start:start + n], grid=(gh // merge, gw // merge)))
-        start += n
-    engine = Engine(bundle_dir, providers="cpu", low_memory=low_memory, graphs=("embed", "decoder"))
-    eos = plan.eos
-
-    def to_chunks(pieces, frames=()):
-        it = iter(frames)
-        return [Chunk(ids=tuple(p.ids)) if hasattr(p, "ids") else next(it) for p in pieces]
-
-    def step(tok, cache, pos):
-        emb, p, pos = assemble(engine, [Chunk(ids=(tok,))], pos)
-        lg, cache = engine.decode(emb, p, cache)
-        return lg[-1], cache, pos
-
     report = ValidationReport()
     problems: list[str] = []
-    by_name = {c.name: c for c in torch_side.cases}
-    state = None
-    for name, frames in plan.CASES:
-        ref = by_name[name]
-        chunks = to_chunks(plan.first_turn(frames), [frame_chunks[i] for i in frames])
-        emb, pos, end = assemble(engine, chunks, 0)
-        logits, cache = engine.decode(emb, pos, KVCache.empty(plan.manifest), ref.rows)
-        report.cases.append(_compare(problems, ref, logits, cache, tol))
-        state = (cache, end, logits[-1])
-    # case 3: PyTorch's reply, teacher-forced (ONNX's own greedy choice must be the same), then a new turn
-    ref = by_name["turn on a cache + decode"]
-    cache, pos, last = state
-    chosen = []
-    for tok in ref.reply:
-        chosen.append(int(np.argmax(last)))
-        last, cache, pos = step(tok, cache, pos)
-    chosen.append(int(np.argmax(last)))
-    expected = ref.reply + ([ref.stop] if ref.stop is not None else [])
-    if chosen[:len(expected)] != expected:
-        problems.append(f"{ref.name}: the reply's greedy tokens differ: onnx {chosen} vs torch {expected}")
-    emb, p, pos = assemble(engine, [Chunk(ids=tuple(plan.reply_tail(ref.stop)))], pos)
-    _, cache = engine.decode(emb, p, cache)
-    emb, p, pos = assemble(engine, to_chunks(plan.second_turn(), [frame_chunks[0]]), pos)
-    s = emb.shape[0]
-    rows_local = list(range(max(0, s - 8), s))
-    logits, cache = engine.decode(emb, p, cache, rows_local)
-    result = _compare(problems, ref, logits, cache, tol)
-    cont, tok = [], int(np.argmax(logits[-1]))
-    while tok not in eos and len(cont) < plan.decode_steps:
-        cont.append(tok)
-        lg, cache, pos = step(tok, cache, pos)
-        tok = int(np.argmax(lg))
-    same = sum(a == b for a, b in zip(cont, ref.cont))
-    result.greedy_agree = f"{same}/{max(len(cont), len(ref.cont))} tokens equal"
-    if cont != ref.cont:
-        problems.append(f"{ref.name}: greedy tokens differ: onnx {cont} vs torch {ref.cont}")
-    report.cases.append(result)
+    for flavour in Manifest.load(bundle_dir).decoder_flavours:  # one at a time: a 3B decoder fills the memory
+        engine = Engine(bundle_dir, providers="cpu", low_memory=low_memory, graphs=("embed", "decoder"),
+                        decoder=flavour)
+        _check_decoder(engine, torch_side, vis, tol, report, problems)
+        del engine
+        gc.collect()
     if problems:
         raise ValidationError(f"the exported graphs in {bundle_dir} disagree with PyTorch:", problems)
     return report
 
 
-def _compare(problems: list[str], ref: _TorchCase, logits: np.ndarray, cache, tol: Tolerance) -> CaseResult:
+def _check_decoder(engine, torch_side: TorchSide, vis: np.ndarray, tol: Tolerance, report: ValidationReport,
+                   problems: list[str]) -> None:
+    """The three cases through one decoder flavour (``engine.flavour``), driven by a :class:`Context`."""
+    from edge_duet.runtime.context import Chunk, Context, frames_to_chunks
+
+    plan = torch_side.plan
+    frame_chunks = frames_to_chunks(vis, [g for _, g in plan.pre], plan.manifest.vision.merge_size)
+    tag = "" if engine.flavour == "plain" else f" [{engine.flavour}]"
+
+    def to_chunks(pieces, frames=()):
+        it = iter(frames)
+        return [Chunk(ids=tuple(p.ids)) if hasattr(p, "ids") else next(it) for p in pieces]
+
+    by_name = {c.name: c for c in torch_side.cases}
+    capacity = max(len(c.ids) for c in torch_side.cases) + plan.decode_steps + 8
+    ctx = Context(engine, capacity)
+    for name, frames in plan.CASES:
+        ref = by_name[name]
+        ctx.reset()
+        logits = ctx.prefill(to_chunks(plan.first_turn(frames), [frame_chunks[i] for i in frames]), ref.rows)
+        report.cases.append(_compare(problems, ref, logits, ctx, tol, tag))
+    # case 3, on the context of case 2: PyTorch's reply, teacher-forced (ONNX's own greedy choice must be the
+    # same), then a new turn
+    ref = by_name["turn on a cache + decode"]
+    last = logits[-1]
+    chosen = []
+    for tok in ref.reply:
+        chosen.append(int(np.argmax(last)))
+        last = ctx.decode(tok)
+    chosen.append(int(np.argmax(last)))
+    expected = ref.reply + ([ref.stop] if ref.stop is not None else [])
+    if chosen[:len(expected)] != expected:
+        problems.append(f"{ref.name}{tag}: the reply's greedy tokens differ: onnx {chosen} vs torch {expected}")
+    ctx.prefill([Chunk(ids=tuple(plan.reply_tail(ref.stop)))])
+    turn2 = to_chunks(plan.second_turn(), [frame_chunks[0]])
+    s = sum(c.num_tokens for c in turn2)
+    logits = ctx.prefill(turn2, list(range(max(0, s - 8), s)))
+    result = _compare(problems, ref, logits, ctx, tol, tag)
+    cont, tok = [], int(np.argmax(logits[-1]))
+    while tok not in plan.eos and len(cont) < plan.decode_steps:
+        cont.append(tok)
+        tok = int(np.argmax(ctx.decode(tok)))
+    same = sum(a == b for a, b in zip(cont, ref.cont))
+    result.greedy_agree = f"{same}/{max(len(cont), len(ref.cont))} tokens equal"
+    if cont != ref.cont:
+        problems.append(f"{ref.name}{tag}: greedy tokens differ: onnx {cont} vs torch {ref.cont}")
+    report.cases.append(result)
+
+
+def _compare(problems: list[str], ref: _TorchCase, logits: np.ndarray, ctx, tol: Tolerance,
+             tag: str = "") -> CaseResult:
+    name = ref.name + tag
     dl = float(np.abs(logits - ref.logits).max())
-    dkv = max(float(np.abs(a - b).max()) for (k, v), (rk, rv) in zip(cache.layers, ref.kv) for a, b in ((k, rk), (v, rv)))
+    dkv = max(float(np.abs(a - b).max()) for (k, v), (rk, rv) in zip(ctx.host_layers(), ref.kv)
+              for a, b in ((k, rk), (v, rv)))
     scale = float(np.abs(ref.logits).max())
     limit = tol.logits_atol + tol.logits_rtol * scale
     if not np.isfinite(dl) or dl > limit:
-        problems.append(f"{ref.name}: max abs logit diff {dl:.3g} > {limit:.3g}")
+        problems.append(f"{name}: max abs logit diff {dl:.3g} > {limit:.3g}")
     if not np.isfinite(dkv) or dkv > tol.kv_atol + tol.logits_rtol * scale:
-        problems.append(f"{ref.name}: max abs KV diff {dkv:.3g} > {tol.kv_atol:.3g}")
-    return CaseResult(ref.name, len(ref.ids), dl, dkv)
+        problems.append(f"{name}: max abs KV diff {dkv:.3g} > {tol.kv_atol:.3g}")
+    return CaseResult(name, len(ref.ids), dl, dkv)
 
 
 # ----------------------------------------------------------------------------------------------- one call

@@ -114,15 +114,13 @@ def _probe(session, turns: Sequence[DTurn], tokens: int, forced: list[list[int]]
     """Run ``turns`` through the engine on one growing cache; per turn: greedy (or ``forced``) tokens and the
     logits rows that chose them ((n+1, vocab): the row after the prompt, then one per token). ``encoded``: each
     turn's visual embeddings computed beforehand (see ``_staged_probe``)."""
-    from edge_duet.runtime.engine import KVCache
+    from edge_duet.runtime.context import Chunk, Context, frames_to_chunks
     from edge_duet.runtime.preprocess import preprocess_frame
-    from edge_duet.runtime.session import Chunk, assemble
 
     engine, r, m = session.engine, session.renderer, session.manifest
-    merge = m.vision.merge_size
     eos = set(m.tokens.eos_ids)
     nl = list(r.assistant_end()[0].ids[1:])
-    cache, pos = KVCache.empty(m), 0
+    ctx = Context(engine, m.prompt.max_context_tokens)
     pending = list(r.system(session.system_prompt)[0].ids)
     rows_out, tokens_out = [], []
     for k, turn in enumerate(turns):
@@ -131,17 +129,12 @@ def _probe(session, turns: Sequence[DTurn], tokens: int, forced: list[list[int]]
         if pre:
             vis = (encoded[k] if encoded is not None
                    else engine.encode_frames(np.concatenate([p for p, _ in pre]), [g for _, g in pre]))
-            start = 0
-            for _, (t, gh, gw) in pre:
-                n = t * (gh // merge) * (gw // merge)
-                frames.append(Chunk(embeds=vis[start:start + n], grid=(gh // merge, gw // merge)))
-                start += n
+            frames = frames_to_chunks(vis, [g for _, g in pre], m.vision.merge_size)
         it = iter(frames)
         pieces = r.user([g for _, g in pre], turn.text) + r.assistant_start(None)
         chunks = [Chunk(ids=tuple(pending))] + [Chunk(ids=tuple(p.ids)) if hasattr(p, "ids") else next(it)
                                                for p in pieces]
-        emb, p, pos = assemble(engine, chunks, pos)
-        logits, cache = engine.decode(emb, p, cache)
+        logits = ctx.prefill(chunks)
         seq = forced[k] if forced is not None else None
         rows, out = [logits[-1]], []
         for i in range(tokens):  # rows[i] chose out[i]
@@ -151,9 +144,7 @@ def _probe(session, turns: Sequence[DTurn], tokens: int, forced: list[list[int]]
             out.append(tok)
             if tok in eos:  # a stop token is not fed: it opens the closing ids below
                 break
-            emb, p, pos = assemble(engine, [Chunk(ids=(tok,))], pos)
-            logits, cache = engine.decode(emb, p, cache)
-            rows.append(logits[-1])
+            rows.append(ctx.decode(tok))
         rows_out.append(np.stack(rows).astype(np.float32))
         tokens_out.append(out)
         stopped = bool(out) and out[-1] in eos

@@ -1,10 +1,18 @@
-"""ONNX Runtime sessions over a bundle's three graphs, and the KV cache they share.
+"""ONNX Runtime sessions over a bundle's three graphs, and the KV caches of the two decoder flavours.
 
-The engine is stateless apart from the loaded graphs: the caller (``Session``) owns the cache and positions.
+The engine is stateless apart from the loaded graphs: the caller (``Context``) owns the cache and positions.
+A bundle's decoder comes in up to two flavours (``Manifest.decoder_flavours``):
+
+- ``plain``: plain ONNX ops (every provider, TensorRT). Takes the past keys/values as inputs and returns the grown
+  cache as new outputs (``KVCache``: numpy arrays, re-fed on every call).
+- ``fused``: ``com.microsoft.GroupQueryAttention`` over per-layer buffers allocated once at the context budget and
+  bound as both past and present (``FusedKVCache``); keys and values are written in place, M-RoPE is applied
+  before the op, and the cache never crosses between numpy and ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from edge_duet.errors import BundleError, ProviderError
-from edge_duet.manifest import GRAPH_NAMES, Manifest
+from edge_duet.errors import BundleError, ProviderError, UsageError
+from edge_duet.manifest import DECODER_FLAVOURS, GRAPH_NAMES, Manifest
 
 from .vision_index import Grid, vision_inputs
 
@@ -96,6 +104,56 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
+    def host_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(np.array(k), np.array(v)) for k, v in self.layers]
+
+
+@dataclass(frozen=True)
+class FusedKVCache:
+    """The fused decoder's cache: per layer (key, value) OrtValues of (1, kv_heads, capacity, head_dim) float32,
+    allocated once, of which the first ``length`` positions are valid.
+
+    The decoder writes new keys and values in place (the same buffer is bound as its past and present), so a
+    call returns the same buffers with a longer ``length``, and ``truncate`` (roll-back, eviction) only makes
+    the length shorter. Only the newest value is meaningful: an older one shares the buffers.
+    """
+
+    buffers: tuple[tuple[object, object], ...]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, manifest: Manifest, capacity: int, device: str = "cpu", device_id: int = 0) -> "FusedKVCache":
+        import onnxruntime as ort
+
+        t = manifest.text
+        shape = [1, t.num_kv_heads, int(capacity), t.head_dim]
+
+        def buf():
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, device_id)
+
+        return cls(tuple((buf(), buf()) for _ in range(t.num_layers)))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.buffers[0][0].shape()[2])
+
+    def truncate(self, length: int) -> "FusedKVCache":
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        return dataclasses.replace(self, length=int(length))
+
+    def grown(self, new_tokens: int) -> "FusedKVCache":
+        return dataclasses.replace(self, length=self.length + int(new_tokens))
+
+    @property
+    def nbytes(self) -> int:
+        """The allocated buffers (fixed: the cache never grows past them)."""
+        return sum(4 * int(np.prod(k.shape())) * 2 for k, _ in self.buffers)
+
+    def host_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        n = self.length
+        return [(k.numpy()[:, :, :n].copy(), v.numpy()[:, :, :n].copy()) for k, v in self.buffers]
+
 
 class Engine:
     """Runs ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` of one bundle (``graphs``: a subset, for tools
@@ -103,13 +161,14 @@ class Engine:
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None,
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 low_memory: bool = False, graphs: Sequence[str] = GRAPH_NAMES):
+                 low_memory: bool = False, graphs: Sequence[str] = GRAPH_NAMES, decoder: str = "auto"):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest or Manifest.load(self.bundle_dir)
         self.manifest.check_files(self.bundle_dir)
         self.providers = resolve_providers(providers)
+        self.flavour = pick_decoder(self.manifest, decoder, self.providers[0])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -120,7 +179,7 @@ class Engine:
         self.session_options = opts
         self.sessions = {}
         for name in graphs:
-            path, providers = self._session_source(name)
+            path, providers = self._session_source(self.graph_key(name))
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
@@ -134,6 +193,13 @@ class Engine:
         self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(n_layers)]
         self._present_names = [n for i in range(n_layers) for n in (f"present.{i}.key", f"present.{i}.value")]
         self.decoder_calls = 0
+
+    device = "cpu"  # where the fused decoder's KV buffers live (the GPU engine overrides it)
+    device_id = 0
+
+    def graph_key(self, role: str) -> str:
+        """The manifest's name for the graph that plays ``role`` (vision, embed, decoder) in this engine."""
+        return DECODER_FLAVOURS[self.flavour] if role == "decoder" else role
 
     def _session_source(self, graph: str) -> tuple[Path, list]:
         """The model file and provider list ONNX Runtime opens for ``graph`` (the GPU engine overrides this to
@@ -151,13 +217,21 @@ class Engine:
         arr = np.asarray(ids, dtype=np.int64)[None]
         return self.sessions["embed"].run(None, {"input_ids": arr})[0][0]
 
-    def decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
-               logits_index: Sequence[int] | None = None) -> tuple[np.ndarray, KVCache]:
-        """Run the decoder on new tokens on top of ``cache``.
+    def empty_cache(self, capacity: int):
+        """An empty cache for this engine's decoder: ``KVCache`` (plain), or ``FusedKVCache`` buffers of
+        ``capacity`` tokens allocated now, once (fused)."""
+        if self.flavour == "fused":
+            return FusedKVCache.allocate(self.manifest, capacity, self.device, self.device_id)
+        return KVCache.empty(self.manifest)
+
+    def decode(self, embeds: np.ndarray, positions: np.ndarray, cache, logits_index: Sequence[int] | None = None):
+        """Run the decoder on new tokens on top of ``cache`` (from :meth:`empty_cache` or an earlier call).
 
         embeds (S, hidden); positions (3, S); returns logits (n, vocab) for ``logits_index`` (default: the last
         token) and the grown cache (length + S).
         """
+        if self.flavour == "fused":
+            return self._decode_fused(embeds, positions, cache, logits_index)
         s = embeds.shape[0]
         idx = np.asarray([s - 1] if logits_index is None else logits_index, dtype=np.int64)
         feeds = {
@@ -175,14 +249,58 @@ class Engine:
         pres = out[1:]
         return logits, KVCache([(pres[2 * i], pres[2 * i + 1]) for i in range(len(pres) // 2)])
 
+    def _decode_fused(self, embeds: np.ndarray, positions: np.ndarray, cache: FusedKVCache,
+                      logits_index: Sequence[int] | None):
+        """The fused decoder: each layer's buffer is bound as both its past and its present (IO binding), so the
+        cache never leaves ONNX Runtime's memory; only the new tokens' inputs and the logits cross. The graph's
+        GroupQueryAttention reads positions [0, length + S) and writes the S new ones at [length, length + S)."""
+        s = embeds.shape[0]
+        total = cache.length + s
+        if total > cache.capacity:
+            raise ValueError(f"the KV buffer holds {cache.capacity} tokens; {total} were asked for")
+        idx = np.asarray([s - 1] if logits_index is None else logits_index, dtype=np.int64)
+        b = self.sessions["decoder"].io_binding()
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=np.float32))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions[:, None, :], dtype=np.int64))
+        b.bind_cpu_input("logits_index", idx)
+        b.bind_cpu_input("seqlens_k", np.asarray([total - 1], dtype=np.int32))  # GQA's convention: valid length - 1
+        b.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
+        b.bind_output("logits", "cpu")  # outputs come back in binding order: logits first
+        for (kname, vname), (k, v) in zip(self._past_names, cache.buffers):
+            b.bind_ortvalue_input(kname, k)
+            b.bind_ortvalue_input(vname, v)
+        for i, (k, v) in enumerate(cache.buffers):
+            b.bind_ortvalue_output(f"present.{i}.key", k)
+            b.bind_ortvalue_output(f"present.{i}.value", v)
+        self.sessions["decoder"].run_with_iobinding(b)
+        self.decoder_calls += 1
+        return b.get_outputs()[0].numpy()[0], cache.grown(s)
+
+
+def pick_decoder(manifest: Manifest, requested: str, provider: str) -> str:
+    """The decoder flavour to run: ``auto`` takes the fused one when the bundle has it and the provider is the
+    CPU (where it was measured faster; TensorRT cannot run its contrib ops), else the plain one."""
+    have = manifest.decoder_flavours
+    if requested == "auto":
+        return "fused" if "fused" in have and provider == PROVIDER_NAMES["cpu"] else "plain"
+    if requested not in DECODER_FLAVOURS:
+        raise UsageError(f"unknown decoder flavour {requested!r}; choose from auto, {', '.join(DECODER_FLAVOURS)}")
+    if requested not in have:
+        raise BundleError(f"this bundle has no {requested} decoder (it has: {', '.join(have)}); re-export it with "
+                          "`edge-duet export CHECKPOINT BUNDLE --overwrite` to add one, or use --decoder plain")
+    if requested == "fused" and provider == PROVIDER_NAMES["tensorrt"]:
+        raise ProviderError("the fused decoder uses ONNX Runtime contrib ops, which TensorRT cannot run; "
+                            "use --decoder plain with --providers tensorrt")
+    return requested
+
 
 def open_engine(bundle_dir: str | Path, providers: Sequence[str] | str | None = None,
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, decoder: str = "auto") -> Engine:
     """The engine for ``providers``: on a GPU provider the KV cache stays on the device between calls
     (``runtime/gpu.py``'s IO-bound engine); on the CPU the plain one."""
     resolved = resolve_providers(providers)
     if resolved[0] in (PROVIDER_NAMES["cuda"], PROVIDER_NAMES["tensorrt"]):
         from .gpu import BoundEngine
 
-        return BoundEngine(bundle_dir, providers=providers, threads=threads)
-    return Engine(bundle_dir, providers=providers, threads=threads)
+        return BoundEngine(bundle_dir, providers=providers, threads=threads, decoder=decoder)
+    return Engine(bundle_dir, providers=providers, threads=threads, decoder=decoder)

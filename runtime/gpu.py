@@ -268,10 +268,11 @@ class BoundEngine(Engine):
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None,
                  providers: Sequence[str] | str | None = "cuda", threads: int | None = None,
-                 gpu: GpuOptions = GpuOptions()):
+                 gpu: GpuOptions = GpuOptions(), decoder: str = "auto"):
         self.gpu = gpu
         self.device = "cuda" if resolve_providers(providers)[0] in (CUDA, TRT) else "cpu"
-        super().__init__(bundle_dir, manifest, providers=providers, threads=threads)
+        self.device_id = gpu.device_id
+        super().__init__(bundle_dir, manifest, providers=providers, threads=threads, decoder=decoder)
         self._slicer = None
         self._slicer_opts = self.session_options
 
@@ -291,6 +292,8 @@ class BoundEngine(Engine):
 
     def decode(self, embeds: np.ndarray, positions: np.ndarray, cache, logits_index: Sequence[int] | None = None):
         """As :meth:`Engine.decode`, but ``cache`` may live on the device and the returned cache does."""
+        if self.flavour == "fused":  # its buffers already live on the device, bound in place
+            return super().decode(embeds, positions, cache, logits_index)
         past = self._on_device(cache)
         s = embeds.shape[0]
         idx = np.asarray([s - 1] if logits_index is None else logits_index, dtype=np.int64)

@@ -1,4 +1,5 @@
-"""The incremental proactive session: one owner of the KV cache, the token count and the next M-RoPE position.
+"""The incremental proactive session: the dialogue (segments, pending ids) over one ``Context`` (context.py),
+which owns the KV cache, its length and the next M-RoPE position.
 
 Each turn computes only what is new::
 
@@ -31,9 +32,9 @@ from edge_duet.errors import InputError, UsageError
 from edge_duet.manifest import Manifest
 
 from .chat import ChatRenderer, ImagePiece, Piece
-from .engine import Engine, KVCache, open_engine
+from .context import Chunk, Context, assemble, frames_to_chunks  # noqa: F401  (assemble: for tests and tools)
+from .engine import Engine, open_engine
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
-from .positions import image_advance, image_positions, text_positions
 from .preprocess import preprocess_frame
 
 
@@ -53,20 +54,7 @@ class SessionOptions:
     speculate_silence: bool = True  # greedy only; off gives the same output with more decoder calls
     providers: tuple[str, ...] | str | None = None
     threads: int | None = None
-
-
-@dataclass
-class Chunk:
-    """A stretch of the sequence: text ids, or one frame's kept visual tokens."""
-
-    ids: tuple[int, ...] = ()
-    embeds: np.ndarray | None = None  # (kept, hidden) for a frame
-    grid: tuple[int, int] | None = None  # merged (gh, gw) for a frame
-    keep: np.ndarray | None = None  # bool (gh*gw,) kept tokens; None: all
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.ids) if self.embeds is None else int(self.embeds.shape[0])
+    decoder: str = "auto"  # decoder flavour: "auto" (fused on the CPU when the bundle has it), "plain" or "fused"
 
 
 @dataclass
@@ -95,31 +83,6 @@ class _Pending:
     turn: int = -1
     t: float = 0.0
     started: float = 0.0
-
-
-def assemble(engine: Engine, chunks: Sequence[Chunk], start: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Chunks -> inputs_embeds (S, hidden), M-RoPE positions (3, S) from ``start``, and the next position.
-
-    All text of the chunks goes through the embedding graph in one call; frames bring their visual embeddings.
-    """
-    text_ids = [i for c in chunks if c.embeds is None for i in c.ids]
-    text_emb = engine.embed(text_ids) if text_ids else None
-    embs, poss, pos, ti = [], [], start, 0
-    for c in chunks:
-        if c.embeds is None:
-            n = len(c.ids)
-            if n:
-                embs.append(text_emb[ti:ti + n])
-                poss.append(text_positions(pos, n))
-                ti += n
-                pos += n
-        else:
-            gh, gw = c.grid
-            p = image_positions(pos, gh, gw)
-            poss.append(p if c.keep is None else p[:, c.keep])  # kept tokens keep their original positions
-            embs.append(c.embeds)
-            pos += image_advance(gh, gw)
-    return np.concatenate(embs), np.concatenate(poss, axis=1), pos
 
 
 def plan_eviction(rest: Sequence, budget: int, max_images: int | None = None) -> tuple[int, int | None]:
@@ -171,7 +134,8 @@ class Session(QuestionInbox):
 
         self.bundle_dir = Path(bundle)
         self.options = options
-        self.engine = engine or open_engine(self.bundle_dir, providers=options.providers, threads=options.threads)
+        self.engine = engine or open_engine(self.bundle_dir, providers=options.providers, threads=options.threads,
+                                            decoder=options.decoder)
         self.manifest: Manifest = self.engine.manifest
         self.tokenizer = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
         self.renderer = ChatRenderer(self.tokenizer, self.manifest.tokens, self.manifest.vision.merge_size)
@@ -190,6 +154,7 @@ class Session(QuestionInbox):
         self._eos = set(self.manifest.tokens.eos_ids)
         self._rng = np.random.default_rng(options.seed)
         self._cancel = threading.Event()
+        self.context = Context(self.engine, self.max_context_tokens)  # the KV cache, allocated once when fused
         self.reset()
 
     # ------------------------------------------------------------------ public verbs
@@ -197,8 +162,7 @@ class Session(QuestionInbox):
         """Forget the dialogue; the next step starts from the system prompt (``system_prompt`` if given, else
         the session's default)."""
         self.system_prompt = system_prompt or self.options.system_prompt or self.manifest.prompt.system_prompt
-        self.cache = KVCache.empty(self.manifest)
-        self.next_pos = 0
+        self.context.reset()
         self.turn = 0
         self.segments: list[Segment] = []
         self._pending = _Pending()
@@ -224,7 +188,17 @@ class Session(QuestionInbox):
 
     @property
     def context_tokens(self) -> int:
-        return self.cache.length + len(self._pending.ids)
+        return self.context.length + len(self._pending.ids)
+
+    @property
+    def cache(self):
+        """The decoder's KV cache (owned by :attr:`context`)."""
+        return self.context.cache
+
+    @property
+    def next_pos(self) -> int:
+        """The next M-RoPE position (owned by :attr:`context`)."""
+        return self.context.next_pos
 
     @property
     def decoder_calls_total(self) -> int:
@@ -274,11 +248,9 @@ class Session(QuestionInbox):
         """End of stream: confirm a provisional silence (one decoder call) or decode the reply it hid."""
         if not self._pending.verify:
             return
-        start = self.next_pos
-        emb, pos = self._assemble([Chunk(ids=tuple(self._pending.ids))], start)
-        logits, cache = self.engine.decode(emb, pos, self.cache, list(range(self._pending.verify - 1)))
-        if (yield from self._resolve_speculation(logits, cache, start)):
-            self.cache = cache
+        mark = self.context.length, self.context.next_pos
+        logits = self.context.prefill([Chunk(ids=tuple(self._pending.ids))], list(range(self._pending.verify - 1)))
+        if (yield from self._resolve_speculation(logits, mark)):
             self._pending = _Pending()
 
     # ------------------------------------------------------------------ turn internals
@@ -287,17 +259,13 @@ class Session(QuestionInbox):
             return [], 0, 0
         patches = np.concatenate([p for p, _ in frames])
         embeds = self.engine.encode_frames(patches, [g for _, g in frames])
-        merge = self.manifest.vision.merge_size
-        chunks, kept, dropped, start = [], 0, 0, 0
-        for _, (t, gh, gw) in frames:
-            grid = (gh // merge, gw // merge)
-            n = t * grid[0] * grid[1]
-            emb = embeds[start:start + n]
-            start += n
+        chunks, kept, dropped = [], 0, 0
+        for whole in frames_to_chunks(embeds, [g for _, g in frames], self.manifest.vision.merge_size):
+            grid, emb, n = whole.grid, whole.embeds, whole.num_tokens
             keep = self._drop_mask(grid, emb)
             self._prev_frame = (grid, emb)
             if keep is None:
-                chunks.append(Chunk(embeds=emb, grid=grid))
+                chunks.append(whole)
                 kept += n
             else:
                 chunks.append(Chunk(embeds=emb[keep], grid=grid, keep=keep))
@@ -326,10 +294,6 @@ class Session(QuestionInbox):
     def _chunks(self, pieces: Sequence[Piece], frames: Iterator[Chunk]) -> list[Chunk]:
         return [next(frames) if isinstance(p, ImagePiece) else Chunk(ids=tuple(p.ids)) for p in pieces]
 
-    def _assemble(self, chunks: Sequence[Chunk], start: int) -> tuple[np.ndarray, np.ndarray]:
-        emb, pos, self.next_pos = assemble(self.engine, chunks, start)
-        return emb, pos
-
     def dialogue_ids(self) -> list[int]:
         """The whole dialogue as token ids (frames as image-pad ids; dropped visual tokens left out), including
         ids appended but not yet in the cache. For tests and debugging."""
@@ -341,36 +305,29 @@ class Session(QuestionInbox):
         """Feed pending ids + the user turn + the assistant start in one decoder call; returns the last logits.
         (A generator: resolving a speculated silence may yield a late Reply.)"""
         pend = self._pending
-        start = self.next_pos
+        mark = self.context.length, self.context.next_pos
         chunks = ([Chunk(ids=tuple(pend.ids))] if pend.ids else []) + user.chunks + asst.chunks
-        emb, pos = self._assemble(chunks, start)
-        end = self.next_pos
-        index = list(range(max(pend.verify - 1, 0))) + [emb.shape[0] - 1]
-        logits, cache = self.engine.decode(emb, pos, self.cache, index)
-        if pend.verify:
-            if (yield from self._resolve_speculation(logits[:-1], cache, start)):
-                self.next_pos = end
-            else:  # the cache was rolled back into the previous turn's reply: prefill this turn again
-                chunks = [Chunk(ids=tuple(self._pending.ids))] + user.chunks + asst.chunks
-                emb, pos = self._assemble(chunks, self.next_pos)
-                logits, cache = self.engine.decode(emb, pos, self.cache)
-        self.cache = cache
+        index = list(range(max(pend.verify - 1, 0))) + [sum(c.num_tokens for c in chunks) - 1]
+        logits = self.context.prefill(chunks, index)
+        if pend.verify and not (yield from self._resolve_speculation(logits[:-1], mark)):
+            # the cache was rolled back into the previous turn's reply: prefill this turn again
+            chunks = [Chunk(ids=tuple(self._pending.ids))] + user.chunks + asst.chunks
+            logits = self.context.prefill(chunks)
         self._pending = _Pending()
         self.segments += [user, asst]
         return logits[-1]
 
-    def _resolve_speculation(self, logits: np.ndarray, cache: KVCache, start: int):
-        """Check a provisional ``NO REPLY`` fed at position ``start`` against ``logits`` (one row per speculated
-        token but the last). Returns True when confirmed (the caller keeps ``cache``); otherwise rolls the cache
-        back to the first wrong token, decodes the real reply of that turn, and returns False."""
+    def _resolve_speculation(self, logits: np.ndarray, mark: tuple[int, int]):
+        """Check a provisional ``NO REPLY``, fed from ``mark`` (the context's (length, next position) before it),
+        against ``logits`` (one row per speculated token but the last). Returns True when confirmed; otherwise
+        rolls the context back to the first wrong token, decodes the real reply of that turn, and returns False."""
         pend = self._pending
         spec = pend.ids[:pend.verify]
         wrong = next((i for i in range(len(spec) - 1) if int(np.argmax(logits[i])) != spec[i + 1]), None)
         if wrong is None:
             return True
         keep = wrong + 1  # speculated tokens the model did produce
-        self.cache = cache.truncate(self.cache.length + keep)
-        self.next_pos = start + keep
+        self.context.truncate(mark[0] + keep, mark[1] + keep)  # speculated ids are text: one position each
         asst = self.segments[-1]
         asst.chunks.pop()  # the speculated "NO REPLY<|im_end|>\n"
         self._pending = _Pending()
@@ -410,9 +367,7 @@ class Session(QuestionInbox):
             if len(generated) >= self.options.max_new_tokens or self._cancel.is_set():
                 closing = [token, im_end]  # the last token is not in the cache yet
                 break
-            emb, pos = self._assemble([Chunk(ids=(token,))], self.next_pos)
-            logits, self.cache = self.engine.decode(emb, pos, self.cache)
-            token = self._pick(logits[-1])
+            token = self._pick(self.context.decode(token))
         self._pending = _Pending(ids=closing + self._nl_ids)
         in_cache = generated[:-1] if closing[0] not in self._eos else generated
         asst.chunks.append(Chunk(ids=tuple(in_cache) + tuple(self._pending.ids)))
@@ -460,14 +415,9 @@ class Session(QuestionInbox):
             kept[:0] = [Segment(q.turn, "user", self._text_chunks(self.renderer.user([], q.question)), q.question),
                         *dropped[q_at + 1:q_at + 2]]
         self.segments = [system] + kept
-        chunks = [c for s in self.segments for c in s.chunks]
-        emb, pos = self._assemble(chunks, 0)
         # In slices: one call over the whole window would build (window x window) attention scores at once.
-        cache = KVCache.empty(self.manifest)
-        for start in range(0, emb.shape[0], REPREFILL_CHUNK):
-            end = start + REPREFILL_CHUNK
-            _, cache = self.engine.decode(emb[start:end], pos[:, start:end], cache)
-        self.cache = cache
+        self.context.reset()
+        self.context.prefill([c for s in self.segments for c in s.chunks], slice_tokens=REPREFILL_CHUNK)
         self._pending = _Pending()
         yield Evicted(self.turn - 1, self._t, before - self.context_tokens, self.context_tokens,
                       time.perf_counter() - t0)

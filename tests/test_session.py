@@ -99,14 +99,13 @@ def test_eviction_keeps_system_and_question_and_equals_fresh_window(tiny_bundle)
     assert s.segments[0].role == "system"
     assert any(seg.question == "Where is the green box?" for seg in s.segments)
     # after eviction the cache is exactly a fresh prefill of the kept window (positions re-anchored at 0)
-    from edge_duet.runtime.engine import KVCache
     from edge_duet.runtime.session import assemble
 
     chunks = [c for seg in s.segments for c in seg.chunks]
     cached = s.cache.length
     emb, pos, _ = assemble(s.engine, chunks, 0)
-    _, fresh = s.engine.decode(emb[:cached], pos[:, :cached], KVCache.empty(s.manifest))
-    for (k1, v1), (k2, v2) in zip(s.cache.layers, fresh.layers):
+    _, fresh = s.engine.decode(emb[:cached], pos[:, :cached], s.engine.empty_cache(cached))
+    for (k1, v1), (k2, v2) in zip(s.cache.host_layers(), fresh.host_layers()):
         np.testing.assert_allclose(k1, k2, atol=1e-4)
         np.testing.assert_allclose(v1, v2, atol=1e-4)
 
