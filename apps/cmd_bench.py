@@ -54,6 +54,15 @@ def bench_command(
     baseline: Optional[str] = typer.Option(None, help="Transformers loops to run beside: demo (the MMDuet2 demo "
                                                       "loop), kv (with KV reuse), both, none. Default: demo when "
                                                       "the export extra is installed."),
+    peers: Optional[str] = typer.Option(None, help="Peer runtimes to run beside, on the same checkpoint: "
+                                                   "onnxruntime-genai, llama.cpp, both, none. Default: both when "
+                                                   "--peer-python is given."),
+    peer_python: Optional[str] = typer.Option(None, envvar="EDGE_DUET_PEER_PYTHON",
+                                              help="Python of the venv holding the peers (onnxruntime-genai, "
+                                                   "llama-cpp-python), kept apart from this one's onnxruntime."),
+    llama_cpp_src: Optional[str] = typer.Option(None, envvar="EDGE_DUET_LLAMA_CPP_SRC",
+                                                help="A llama.cpp source tree: its convert_hf_to_gguf.py makes the "
+                                                     "GGUF files for the llama.cpp peer."),
     turns: Optional[int] = typer.Option(None, help="Turns to run (default: the last --at turn)."),
     at: str = typer.Option("1,10,50,200", help="Turns whose per-turn cost is reported."),
     frame_size: str = typer.Option("640x480", help="Generated camera frames, WIDTHxHEIGHT (the model's pixel "
@@ -137,6 +146,12 @@ def bench_command(
                      {"checkpoint": str(ckpt), "options": asdict(opts), "rerender": BASELINES[kind],
                       "system_prompt": manifest.prompt.system_prompt, "no_reply_text": manifest.prompt.no_reply_text},
                      str(bundle)) for kind in wanted]
+    peer_names = _peer_names(peers, peer_python)
+    if peer_names:
+        from edge_duet.bench.peers import PeerSetup, peer_jobs
+
+        jobs += peer_jobs(peer_names, PeerSetup(peer_python, llama_cpp_src, str(cache)),
+                          str(ckpt) if ckpt else None, str(bundle), opts, manifest.prompt.system_prompt)
     target_info = {"name": shape or Path(target).name, "shape": shape, "bundle": str(bundle),
                    "checkpoint": str(ckpt) if ckpt else None, "variants": [str(v) for v in variant]}
     report = run_bench(jobs, opts, target_info, lockstep=not sequential, log=eprint)
@@ -171,6 +186,19 @@ def _bench_streams(target: Optional[Path], remote, streams: str, turns: Optional
         raise typer.Exit(1)
 
 
+def _peer_names(peers: Optional[str], peer_python: Optional[str]) -> list[str]:
+    from edge_duet.bench.peers import PEERS
+    from edge_duet.errors import UsageError
+
+    if peers is None:
+        return list(PEERS) if peer_python else []
+    named = {"both": list(PEERS), "none": []}.get(peers) or [p.strip() for p in peers.split(",") if p.strip()]
+    unknown = [p for p in named if p not in PEERS]
+    if unknown:
+        raise UsageError(f"--peers: unknown peer {', '.join(unknown)}; choose {', '.join(PEERS)}, both or none")
+    return named
+
+
 def _write_json(path: Path, data: dict) -> None:
     from edge_duet.apps.outputs import atomic_path
 
@@ -179,9 +207,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def speedups(summaries: list[dict], jobs: list[dict]) -> dict:
-    """Baseline / edge-duet per-turn time at every report turn, for each (edge job, baseline job) pair."""
+    """Baseline / edge-duet per-turn time at every report turn, for each (edge job, baseline or peer job) pair."""
     pairs = [(e, ej, b, bj) for e, ej in zip(summaries, jobs) for b, bj in zip(summaries, jobs)
-             if e and b and ej["kind"] == "edge" and bj["kind"] == "transformers"]
+             if e and b and ej["kind"] == "edge" and bj["kind"] in ("transformers", "peer")]
     return {f"{bj['name']} / {ej['name']}": {t: b["at"][t]["total_s"] / e["at"][t]["total_s"]
                                              for t in e["at"] if t in b["at"]} for e, ej, b, bj in pairs}
 
@@ -281,7 +309,8 @@ def format_report(report: dict) -> str:
     def num(x, f="{:.1f}"):
         return "-" if x is None else f.format(x)
 
-    rows = [("load (s)", [num(s.get("load_s")) for s in sums]),
+    status = ["unavailable" if r.get("unavailable") else "failed" if r["error"] else "ok" for r in report["results"]]
+    rows = [("status", status), ("load (s)", [num(s.get("load_s")) for s in sums]),
             ("vision / turn (ms)", [ms(s.get("vision_s")) for s in sums]),
             ("prefill / silent turn (ms)", [ms(s.get("prefill_s")) for s in sums]),
             ("  new tokens / achieved GFLOP/s", [f"{num(s.get('prefill_tokens'), '{:.0f}')} / "
@@ -311,6 +340,7 @@ def format_report(report: dict) -> str:
                                         for s in sums]),
              ("peak memory RSS (GB)", [num(s.get("peak_rss_gb"), "{:.2f}") for s in sums])]
     errors = [(j["name"], r["error"]) for j, r in zip(jobs, report["results"]) if r["error"]]
+    missing = [(j["name"], r.get("unavailable")) for j, r in zip(jobs, report["results"]) if r.get("unavailable")]
     width = max(len(r[0]) for r in rows) + 2
     cols = [max(len(n), 10) + 2 for n in names]
     lines = ["".ljust(width) + "".join(n.rjust(c) for n, c in zip(names, cols))]
@@ -320,6 +350,7 @@ def format_report(report: dict) -> str:
     m = report["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; copy bandwidth "
                  f"{m['bandwidth_gbs']:.1f} GB/s; float32 matmul {m['matmul_gflops']:.0f} GFLOP/s")
+    lines += [f"{n}: unavailable: {why}" for n, why in missing]
     lines += [f"FAILED {n}: {e}" for n, e in errors]
     return "\n".join(lines)
 

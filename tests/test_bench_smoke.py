@@ -6,6 +6,7 @@ keeps the model's top token at the turn's decision, before the script acted)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -44,3 +45,50 @@ def test_bench_without_a_target_says_what_to_give(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 2
     assert "--shape" in result.output
+
+
+def test_a_peer_that_cannot_run_is_reported_unavailable_with_the_reason(tiny_bundle, tmp_path):
+    """No peer package here (CI installs neither onnxruntime-genai nor llama-cpp-python): the peer columns say why,
+    edge-duet's column runs, and the command succeeds."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--quick", "--baseline", "none", "--no-drop-runs",
+                                      "--peers", "both", "--peer-python", sys.executable, "--json", str(out),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [j["name"] for j in report["jobs"]] == ["edge fp32", "onnxruntime-genai", "llama.cpp"]
+    edge, ort_genai, llama = report["results"]
+    assert edge["unavailable"] is None and len(edge["records"]) == 6
+    assert ort_genai["unavailable"].startswith("not installed: ") and "onnxruntime_genai" in ort_genai["unavailable"]
+    assert llama["unavailable"].startswith("not installed: ") and "llama_cpp" in llama["unavailable"]
+    assert ort_genai["records"] == llama["records"] == [] and ort_genai["error"] is None
+    assert "onnxruntime-genai: unavailable: not installed: " in result.output
+    status = next(line for line in result.output.splitlines() if line.startswith("status"))
+    assert status.split()[1:] == ["ok", "unavailable", "unavailable"]
+
+
+def test_peer_unavailable_without_an_interpreter(tiny_bundle, tmp_path):
+    from edge_duet.bench.harness import Job, PeerUnavailable
+    from edge_duet.bench.peers import start_peer
+
+    args = {"peer": "llama.cpp", "python": str(tmp_path / "no-venv" / "bin" / "python"), "llama_cpp_src": None,
+            "cache": str(tmp_path), "checkpoint": None, "bundle": str(tiny_bundle), "options": {}, "system_prompt": ""}
+    with pytest.raises(PeerUnavailable, match=r"peer interpreter .*no-venv/bin/python not found"):
+        start_peer(Job("llama.cpp", "peer", args, str(tiny_bundle)))
+    with pytest.raises(PeerUnavailable, match="no peer interpreter: pass --peer-python"):
+        start_peer(Job("llama.cpp", "peer", {**args, "python": None}, str(tiny_bundle)))
+
+
+def test_isolate_worker_holds_state_reraises_and_reports_its_peak():
+    from edge_duet import isolate
+
+    w = isolate.Worker(list, [1, 2], what="a list")  # the child holds list([1, 2]); module-level: picklable
+    assert w.info is None  # a list has no ``info``
+    w.call("append", 3)
+    assert w.call("__len__") == 3
+    peak = w.close()
+    assert peak is None or peak > 1 << 20  # Linux: VmHWM of a Python process, more than a MiB
+    w = isolate.Worker(list, [1])
+    with pytest.raises(ValueError, match="99 is not in list"):
+        w.call("index", 99)
+    w.kill()
