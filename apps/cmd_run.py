@@ -92,7 +92,8 @@ def run_command(
     from edge_duet.apps.common import resolve_model
     from edge_duet.apps.outputs import check_dir, check_file
     from edge_duet.errors import UsageError
-    from edge_duet.runtime.capture import SourceSpec, open_source
+    from edge_duet.runtime.assistant import open_capture
+    from edge_duet.runtime.capture import SourceSpec
 
     sources = [(k, v) for k, v in (("camera", camera), ("file", video), ("url", url), ("gst", gst)) if v is not None]
     if demo and sources:
@@ -135,7 +136,7 @@ def run_command(
         if not ok:
             raise UsageError(f"--display cannot open a window: {why}. Run without --display.")
 
-    source = open_source(spec)  # fails fast, before the model loads
+    source, clock = open_capture(spec, realtime)  # fails fast, before the model loads
     try:
         session = _load_session(bundle, max_new_tokens, max_context, token_drop, providers, remote,
                                 system_prompt=system_prompt, max_pixels=max_pixels)
@@ -145,7 +146,7 @@ def run_command(
     prompt = session.manifest.prompt
     interval = frame_interval if frame_interval is not None else prompt.frame_interval_s
     per_turn = frames_per_turn if frames_per_turn is not None else prompt.frames_per_turn
-    code = _run(session, source, spec, realtime, interval, per_turn, questions, must_reply, events, speech, display, bundle)
+    code = _run(session, source, clock, interval, per_turn, questions, must_reply, events, speech, display, bundle)
     raise typer.Exit(code)
 
 
@@ -183,12 +184,10 @@ def _load_session(bundle: Path, max_new_tokens: int, max_context: Optional[int],
     return ro.open_session(bundle, remote, options)
 
 
-def _run(session, source, spec, realtime, interval, per_turn, questions, must_reply, events, speech, display, bundle) -> int:
+def _run(session, source, clock, interval, per_turn, questions, must_reply, events, speech, display, bundle) -> int:
     from edge_duet.apps.common import eprint
     from edge_duet.apps.runner import Runner, RunOptions
-    from edge_duet.runtime.clock import LiveClock, PlaybackClock, SimulatedClock
 
-    clock = LiveClock() if spec.live else (PlaybackClock() if realtime else SimulatedClock())
     speaker = None
     if speech is not None:
         from edge_duet.runtime.speech import Speaker
@@ -196,11 +195,11 @@ def _run(session, source, spec, realtime, interval, per_turn, questions, must_re
         speaker = Speaker(speech, on_message=eprint)
     options = RunOptions(
         frame_interval_s=interval, frames_per_turn=per_turn, questions=tuple(questions), must_reply=must_reply,
-        events_path=events, display=display, must_reply_prefix=session.manifest.prompt.must_reply_prefix,
+        events_path=events, display=display,
     )
     manifest = session.manifest
     banner = (
-        f"edge-duet run · model {manifest.name} ({manifest.variant}) {_where(session, bundle)} · {spec.describe()} · "
+        f"edge-duet run · model {manifest.name} ({manifest.variant}) {_where(session, bundle)} · {source.spec.describe()} · "
         f"{interval:g} s/frame, {per_turn} frame(s)/turn · {clock.name} clock"
         + (f" · speech: {speech.engine}" if speech else "")
         + "\ntype a question and Enter (end it with ?! to demand an answer now); /help lists commands"

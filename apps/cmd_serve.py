@@ -78,9 +78,9 @@ def serve_command(
 
     require("starlette", "serve", "edge-duet serve")
     require("uvicorn", "serve", "edge-duet serve")
-    from edge_duet.apps.assistant import Assistant, AssistantOptions
     from edge_duet.apps.common import eprint, resolve_model
     from edge_duet.apps.server import ServerOptions, check_bind, check_port_free, is_loopback, run_server
+    from edge_duet.runtime.assistant import Assistant, AssistantOptions
     from edge_duet.runtime.capture import SourceSpec
 
     sources = [(k, v) for k, v in (("camera", camera), ("file", video), ("url", url), ("gst", gst)) if v is not None]

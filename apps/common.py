@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 
 import typer
 
+from edge_duet.bundle_io import default_model_dir  # noqa: F401  (the CLI's default --model)
 from edge_duet.errors import EdgeDuetError, MissingExtraError
 
 F = TypeVar("F", bound=Callable)
@@ -67,26 +68,14 @@ def _command_name(fn: Callable) -> str:
     return name.replace("_", "-")
 
 
-def default_model_dir() -> Path:
-    """The demo bundle shipped inside the package (see docs/MODEL_CARD.md)."""
-    import edge_duet
-
-    return Path(edge_duet.__file__).resolve().parent / "models" / "demo"
-
-
 def resolve_model(model: Path | None) -> Path:
-    from edge_duet.errors import BundleError
+    """``--model``, checked for the mistakes a new user makes, or the bundled demo model."""
+    from edge_duet.bundle_io import demo_model
 
     if model is not None:
         _check_bundle_dir(Path(model))
         return model
-    path = default_model_dir()
-    if not (path / "manifest.json").is_file():
-        raise BundleError(
-            f"no --model given and the bundled demo model is missing at {path}. "
-            "Pass a bundle made with `edge-duet export CHECKPOINT BUNDLE`, or reinstall edge-duet."
-        )
-    return path
+    return demo_model()
 
 
 def eprint(*parts: object) -> None:

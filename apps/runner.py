@@ -1,20 +1,21 @@
-"""The `edge-duet run` loop: a source, a clock, a Session, and the people watching.
+"""The `edge-duet run` loop's people: a console, a JSONL log, speech and a window, fed by the one driver.
 
 ::
 
-    capture thread --(newest frames)--> FrameSampler --take()--> model thread: ask / add_frames / step --> events
-    stdin thread  --questions--> [bounded queue] -----------------^    |                                   |
-                  --/commands--> handled here, never sent to the model  +--> console, --events JSONL, speech
-    main thread: Ctrl-C, status line, --display window, and the final clean-up (threads joined, files flushed)
+    source, clock (open_capture) --> Assistant (runtime/assistant.py: capture thread, sampler, worker thread, Session)
+                                   │ on_event (worker / capture thread)
+    stdin thread --questions, /commands--> Runner.submit ──> assistant.ask / reset / cancel / finish
+                                   v
+                     console lines, --events JSONL, speech
+    main thread: Ctrl-C, status line (assistant.status()), --display window, and the final clean-up
 
-The Session is single-threaded: only the model thread touches it, except ``cancel()``, which is thread-safe.
 Operator commands start with ``/`` (``/reset``, ``/quit``, ``/stop``, ``/help``); anything else typed is a
 question for the next turn (``//text`` sends text that starts with ``/``). A question ending in ``?!`` (or
 every question, with ``--must-reply``) demands an answer now: the model's reply is pre-filled with
 ``I must reply.``.
 
 ``--events`` holds the Session's events (``event.to_dict()``: turn, reply, silence, stats, evicted; token deltas
-are left out) and the runner's own records::
+are left out), the driver's ``frames`` records, and the runner's own records::
 
     {"event": "run", "source", "clock", "frame_interval_s", "frames_per_turn"}            first line
     {"event": "frames", "t", "times_s", "lag_s", "dropped_frames", "missed_samples"}     before each turn
@@ -28,20 +29,20 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import select
 import shutil
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from edge_duet.protocol import MUST_REPLY_PREFIX
-from edge_duet.runtime.capture import CaptureThread, VideoSource
-from edge_duet.runtime.clock import Clock, FrameSampler, SamplerClosed
+from edge_duet.errors import AssistantBusy, AssistantClosed, InputError
+from edge_duet.runtime.assistant import Assistant, AssistantOptions
+from edge_duet.runtime.clock import Clock
+from edge_duet.runtime.events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted
+from edge_duet.runtime.subscription import ResetDone, SourceStatus, TurnFrames
 
 COMMANDS = {
     "reset": "forget the dialogue so far (the model stays loaded)",
@@ -50,6 +51,7 @@ COMMANDS = {
     "help": "show this list",
 }
 ALIASES = {"exit": "quit", "q": "quit"}
+MAX_TYPED_CHARS = 100_000  # a typed (or pasted) question; the Assistant's default is 500 for network clients
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,6 @@ class RunOptions:
     display: bool = False
     read_stdin: bool = True
     status_line: bool | None = None  # None: only when stdout and stderr are terminals
-    must_reply_prefix: str = MUST_REPLY_PREFIX
     join_timeout_s: float = 10.0
 
 
@@ -238,12 +239,14 @@ class LineReader(threading.Thread):
 
 
 class Runner:
-    """Drives one Session from one source until the source ends, ``/quit``, or a second Ctrl-C."""
+    """Plays one source through one session until the source ends, ``/quit``, or a second Ctrl-C: the console,
+    JSONL and speech consumer of an :class:`~edge_duet.runtime.assistant.Assistant` that ends with its source
+    and on the first model error (which :meth:`run` raises after the clean-up)."""
 
     def __init__(
         self,
         session,
-        source: VideoSource,
+        source,
         clock: Clock,
         options: RunOptions,
         *,
@@ -253,38 +256,31 @@ class Runner:
         err: TextIO | None = None,
         banner: str = "",
     ):
-        self.session = session
-        self.clock = clock
         self.options = options
+        self.source, self.clock = source, clock  # from open_capture(): opened before the model loaded
         self.speaker = speaker
         self.stdin = stdin if stdin is not None else sys.stdin  # None when the process has no stdin
         self.console = Console(out or sys.stdout, err or sys.stderr, options.status_line)
         self.events = EventLog(options.events_path)
-        self.sampler = FrameSampler(options.frame_interval_s, options.frames_per_turn, drop_when_full=clock.drops_frames)
-        self.stop = threading.Event()  # everything winds down
-        self.done = threading.Event()  # the model thread has finished
-        self.capture = CaptureThread(
-            source, clock, self.sampler, stop=self.stop, on_status=self._on_source, keep_latest=options.display
-        )
-        self._questions: queue.Queue[Question] = queue.Queue(maxsize=64)
-        self._controls: queue.Queue[str] = queue.Queue(maxsize=8)
-        self._quit = threading.Event()
+        self.banner = banner
+        self.assistant = Assistant(options=AssistantOptions(
+            frame_interval_s=options.frame_interval_s, frames_per_turn=options.frames_per_turn,
+            max_question_chars=MAX_TYPED_CHARS, command_queue_size=64, reset_on_error=False, close_on_error=True,
+            close_at_source_end=True,
+        ), session=session)
+        self.assistant.on_event(self._on_event, frames=True)
+        self._stop = threading.Event()  # the main loop ends (second Ctrl-C)
         self._interrupts = 0
         self.exit_code = 0
         self.end_reason = "eof"
-        self.error: BaseException | None = None
-        self.banner = banner
-        # what the status line and the tests read
-        self.turns = 0
-        self.replies = 0
-        self.lags_s: list[float] = []
-        self.last_latency_s = 0.0
-        self.context = (0, 0)
+        # what the status line and the window show (the counters are the assistant's: status())
         self.partial = ""
         self.caption = ""
         self.source_note = ""
-        for text in options.questions:
-            self._questions.put_nowait(as_question(text, options.must_reply))
+
+    @property
+    def turns(self) -> int:
+        return self.assistant.status()["turns"]
 
     # ------------------------------------------------------------------ inputs (any thread)
     def submit(self, line: str) -> None:
@@ -294,9 +290,11 @@ class Runner:
             return
         if isinstance(item, Question):
             try:
-                self._questions.put_nowait(item)
-            except queue.Full:
+                self.assistant.ask(item.text, must_reply=item.must_reply)
+            except AssistantBusy:
                 self.console.note("(too many questions waiting; this one was not taken)")
+            except (AssistantClosed, InputError) as exc:
+                self.console.note(f"({exc})")
             return
         if not item.known:
             self.console.note(f"unknown command /{item.name}; commands: " + ", ".join(f"/{c}" for c in COMMANDS)
@@ -305,24 +303,24 @@ class Runner:
             self.console.note("\n".join(f"  /{c:<6} {h}" for c, h in COMMANDS.items())
                               + "\n  a question ending in ?! demands an answer now")
         elif item.name == "stop":
-            self.session.cancel()
+            self.assistant.cancel()
         elif item.name == "quit":
             self.request_quit()
         elif item.name == "reset":
             try:
-                self._controls.put_nowait("reset")
-            except queue.Full:
-                pass  # resets already waiting do the same thing
+                self.assistant.reset()
+            except (AssistantBusy, AssistantClosed):
+                pass  # resets already waiting do the same thing; a closed run has nothing to forget
 
     def request_quit(self, reason: str = "quit") -> None:
+        """Finish the current turn, settle the dialogue, and end the run."""
         self.end_reason = reason
-        self._quit.set()
-        self.sampler.abort()
+        self.assistant.finish()
 
     def interrupt(self) -> None:
         """Ctrl-C: the first stops the reply being written, the second ends the run with code 130."""
         self._interrupts += 1
-        self.session.cancel()
+        self.assistant.cancel()
         if self.speaker is not None:
             self.speaker.interrupt()
         if self._interrupts == 1:
@@ -330,13 +328,12 @@ class Runner:
             return
         self.exit_code = 130
         self.end_reason = "interrupt"
-        self.stop.set()
-        self.sampler.abort()
+        self._stop.set()
 
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
         self.events.write({
-            "event": "run", "source": self.capture.spec.describe(), "clock": self.clock.name,
+            "event": "run", "source": self.source.spec.describe(), "clock": self.clock.name,
             "frame_interval_s": self.options.frame_interval_s, "frames_per_turn": self.options.frames_per_turn,
         })
         if self.banner:
@@ -344,152 +341,94 @@ class Runner:
         old_handler = None
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt())
-        # daemon: a model call that ignores cancel() must not keep the process alive after the second Ctrl-C
-        model = threading.Thread(target=self._model_loop, name="edge-duet-model", daemon=True)
         reader = None
         if self.options.read_stdin and self.stdin is not None and not self.stdin.closed:
-            reader = LineReader(self.stdin, self.submit, self.stop)
+            reader = LineReader(self.stdin, self.submit, self._stop)
         try:
-            self.capture.start()
-            model.start()
+            for text in self.options.questions:
+                question = as_question(text, self.options.must_reply)
+                self.assistant.ask(question.text, must_reply=question.must_reply)
+            self.assistant.attach(self.source, clock=self.clock)
             if reader is not None:
                 reader.start()
             window = _Window() if self.options.display else None
-            while not self.done.wait(0.03 if window else 0.25) and not self.stop.is_set():
+            while not self.assistant.wait(0.03 if window else 0.25) and not self._stop.is_set():
                 if window is not None and not window.show(self):
                     self.request_quit()
                 self.console.status(self._status_text())
             if window is not None:
                 window.close()
         finally:
-            self.stop.set()
-            self.sampler.abort()
-            self.capture.join(self.options.join_timeout_s)
-            model.join(self.options.join_timeout_s)
+            self._stop.set()
+            self.assistant.close(self.options.join_timeout_s)
+            if self.assistant.error is not None:
+                self.exit_code = getattr(self.assistant.error, "exit_code", 1)
             if reader is not None and reader.fd is not None:
                 reader.join(1.0)
             if self.speaker is not None:
-                self.speaker.close(finish=self.exit_code == 0 and self.error is None, timeout=15.0)
-            if self.capture.corrupt_frames:  # the first skip was noted as it happened; this is the count "end" holds
-                self.console.note(f"({self.capture.corrupt_frames} undecodable frame(s) skipped in all)")
+                self.speaker.close(finish=self.exit_code == 0 and self.assistant.error is None, timeout=15.0)
+            corrupt = self.assistant.status()["corrupt_frames"]
+            if corrupt:  # the first skip was noted as it happened; this is the count "end" holds
+                self.console.note(f"({corrupt} undecodable frame(s) skipped in all)")
             self._write_end()
             self.events.close()
             self.console.close()
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
-        if self.error is not None:
-            raise self.error
-        if self.capture.error is not None and self.end_reason == "eof":
-            raise self.capture.error
+        if self.assistant.error is not None:
+            raise self.assistant.error
+        if self.assistant.source_error is not None and self.end_reason == "eof":
+            raise self.assistant.source_error
         return self.exit_code
 
-    def _model_loop(self) -> None:
-        try:
-            ended = self._turns()
-            if ended and not self.stop.is_set():
-                for ev in self.session.finish():
-                    self._on_event(ev)
-        except BaseException as exc:  # surfaced by run() after the clean-up
-            self.error = exc
-            self.exit_code = getattr(exc, "exit_code", 1)
-        finally:
-            self.stop.set()
-            self.sampler.abort()
-            self.done.set()
-
-    def _turns(self) -> bool:
-        """Process turns until the source ends or the run stops; ``True`` when the stream ended normally."""
-        while not self.stop.is_set():
-            self._apply_controls()
-            if self._quit.is_set():
-                return True
-            try:
-                turn = self.sampler.take(timeout=0.1)
-            except SamplerClosed:
-                return True
-            if turn is None:
-                continue
-            question = self._drain_questions()
-            lag = self.clock.lag(turn.t)
-            self.lags_s.append(lag)
-            self.events.write({
-                "event": "frames", "t": turn.t, "times_s": list(turn.times_s), "lag_s": round(lag, 4),
-                "dropped_frames": self.sampler.dropped_frames, "missed_samples": self.sampler.missed_samples,
-            })
-            if question is not None:
-                self.session.ask(question.text, must_reply=question.must_reply)
-            self.session.add_frames(list(turn.frames), t=turn.t, channels="bgr")
-            started = time.monotonic()
-            for ev in self.session.step():
-                self._on_event(ev)
-            self.last_latency_s = time.monotonic() - started
-            self.turns += 1
-        return False
-
-    def _drain_questions(self) -> Question | None:
-        items: list[Question] = []
-        while True:
-            try:
-                items.append(self._questions.get_nowait())
-            except queue.Empty:
-                break
-        if not items:
-            return None
-        return Question("\n".join(q.text for q in items), any(q.must_reply for q in items))
-
-    def _apply_controls(self) -> None:
-        while True:
-            try:
-                name = self._controls.get_nowait()
-            except queue.Empty:
-                return
-            if name == "reset":
-                self.session.reset()
-                self.partial = self.caption = ""
-                self.events.write({"event": "command", "name": "reset", "t": round(self.clock.now(), 3)})
-                self.console.note(f"[{fmt_t(self.clock.now())}] (dialogue reset; the model keeps watching)")
-
-    # ------------------------------------------------------------------ outputs
+    # ------------------------------------------------------------------ outputs (worker / capture thread)
     def _on_event(self, ev) -> None:
-        kind = type(ev).__name__
-        if kind == "TokenDelta":
+        if isinstance(ev, TokenDelta):
             self.partial += ev.text
             return
-        self.events.write(ev.to_dict())
-        if kind == "TurnStarted" and ev.question:
+        if isinstance(ev, TurnFrames):
+            self.events.write(ev.to_dict())
+        elif isinstance(ev, SourceStatus):
+            self._on_source(ev.status, ev.message)
+        elif isinstance(ev, ResetDone):
+            self.partial = self.caption = ""
+            self.events.write({"event": "command", "name": "reset", "t": round(self._now(), 3)})
+            self.console.note(f"[{fmt_t(self._now())}] (dialogue reset; the model keeps watching)")
+        elif isinstance(ev, Event):  # the Session's: turn, reply, silence, stats, evicted
+            self.events.write(ev.to_dict())
+            self._show(ev)
+
+    def _show(self, ev) -> None:
+        if isinstance(ev, TurnStarted) and ev.question:
             mark = " (answer now)" if ev.must_reply else ""
             self.console.line(f"[{fmt_t(ev.t)}] you{mark}: {one_line(ev.question)}")
-        elif kind == "Reply":
+        elif isinstance(ev, Reply):
             self.partial = ""
-            self.replies += 1
-            text = ev.text
-            if text.startswith(self.options.must_reply_prefix):
-                text = text[len(self.options.must_reply_prefix):]
-            text = one_line(text)
-            self.caption = text
+            text = self.caption = one_line(ev.text)
             self.console.line(f"[{fmt_t(ev.t)}] assistant: {text}")
             if self.speaker is not None:
                 self.speaker.say(text, t=ev.t, turn=ev.turn)
-        elif kind == "Silence":
+        elif isinstance(ev, Silence):
             self.partial = ""
-        elif kind == "TurnStats":
-            self.context = (ev.context_tokens, ev.max_context_tokens)
-        elif kind == "Evicted":
+        elif isinstance(ev, Evicted):
             self.console.note(f"[{fmt_t(ev.t)}] (context full: dropped {ev.removed_tokens} old tokens)")
 
+    def _now(self) -> float:
+        return self.clock.now()
+
     def _on_source(self, status: str, message: str) -> None:
-        self.events.write({"event": "source", "status": status, "message": message, "t": round(self.clock.now(), 3)})
+        self.events.write({"event": "source", "status": status, "message": message, "t": round(self._now(), 3)})
         self.source_note = "" if status in ("reconnected", "eof") else message
         if status in ("lost", "reconnected", "error") or (status == "corrupt" and message.startswith("skipped 1 ")):
-            self.console.note(f"[{fmt_t(self.clock.now())}] ({message})")
+            self.console.note(f"[{fmt_t(self._now())}] ({message})")
 
     def _status_text(self) -> str:
-        used, cap = self.context
+        s = self.assistant.status()
+        used, cap = s["context_tokens"], s["max_context_tokens"]
         fill = f"{used}/{cap} ({100 * used / cap:.0f}%)" if cap else "-"
-        lag = self.lags_s[-1] if self.lags_s else 0.0
         parts = [
-            f"turn {self.turns}", fmt_t(self.clock.now()), f"{self.last_latency_s:.2f} s/turn", f"lag {lag:.1f} s",
-            f"dropped {self.sampler.dropped_frames}", f"context {fill}",
+            f"turn {s['turns']}", fmt_t(self._now()), f"{s['last_turn_s'] or 0.0:.2f} s/turn",
+            f"lag {s['last_lag_s']:.1f} s", f"dropped {s['frames_dropped']}", f"context {fill}",
         ]
         if self.source_note:
             parts.append(self.source_note)
@@ -498,12 +437,13 @@ class Runner:
         return " · ".join(parts)
 
     def _write_end(self) -> None:
+        s, source_error = self.assistant.status(), self.assistant.source_error
         self.events.write({
-            "event": "end", "reason": "error" if self.error or self.capture.error else self.end_reason,
-            "exit_code": self.exit_code if self.capture.error is None else getattr(self.capture.error, "exit_code", 1),
-            "turns": self.turns, "replies": self.replies, "dropped_frames": self.sampler.dropped_frames,
-            "missed_samples": self.sampler.missed_samples, "corrupt_frames": self.capture.corrupt_frames,
-            "reconnects": self.capture.reconnects, "max_lag_s": round(max(self.lags_s, default=0.0), 4),
+            "event": "end", "reason": "error" if self.assistant.error or source_error else self.end_reason,
+            "exit_code": self.exit_code if source_error is None else getattr(source_error, "exit_code", 1),
+            "turns": s["turns"], "replies": s["replies"], "dropped_frames": s["frames_dropped"],
+            "missed_samples": s["missed_samples"], "corrupt_frames": s["corrupt_frames"],
+            "reconnects": s["reconnects"], "max_lag_s": round(s["max_lag_s"], 4),
             "speech_failures": getattr(self.speaker, "failed", 0),
         })
 
@@ -535,7 +475,7 @@ class _Window:
 
     def show(self, runner: Runner) -> bool:
         cv2 = self.cv2
-        item = runner.capture.latest.get() if runner.capture.latest is not None else None
+        item = runner.assistant.latest_frame()
         if item is not None:
             frame = item[1].copy()
             h, w = frame.shape[:2]

@@ -1,4 +1,4 @@
-"""`edge-duet serve`: one :class:`~edge_duet.apps.assistant.Assistant` behind a local HTTP/WebSocket API.
+"""`edge-duet serve`: one :class:`~edge_duet.runtime.assistant.Assistant` behind a local HTTP/WebSocket API.
 
 Routes (the OpenAPI description at ``/openapi.json`` is built from the same limits, see :func:`openapi_spec`)::
 
@@ -12,15 +12,14 @@ Routes (the OpenAPI description at ``/openapi.json`` is built from the same limi
     GET  /api/status | /api/health | /api/frame.jpg | /api/stream.mjpeg
     WS   /api/events          JSON events (see runtime/events.py), a "hello" with the status first
 
-Threads: the assistant's worker hands each event to the event loop with ``call_soon_threadsafe``; the loop fans it
-out to per-client deques that drop their oldest event when a reader is slow. Nothing on the model's path awaits a
-client. Every refusal is a 4xx JSON body ``{"error": code, "message": text}``.
+Threads: every WebSocket client is a bounded subscription of the assistant (it drops its oldest event when the
+client reads slowly); the assistant's worker wakes the client's sender on the event loop with
+``call_soon_threadsafe``. Nothing on the model's path awaits a client. Every refusal is a 4xx JSON body ``{"error": code, "message": text}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hmac
 import io
@@ -33,7 +32,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -45,8 +44,9 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from edge_duet.apps.assistant import Assistant, AssistantBusy, AssistantClosed
-from edge_duet.errors import EdgeDuetError, UsageError
+from edge_duet.errors import AssistantBusy, AssistantClosed, EdgeDuetError, UsageError
+from edge_duet.runtime.assistant import Assistant
+from edge_duet.runtime.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -147,21 +147,17 @@ class RateLimiter:
 
 
 class Watcher:
-    """One WebSocket client's bounded outbox."""
+    """One WebSocket client: its own bounded subscription to the assistant, woken on the event loop."""
 
-    def __init__(self, ident: int, maxsize: int):
+    def __init__(self, ident: int, events: Subscription, ready: asyncio.Event):
         self.id = ident
-        self.outbox: collections.deque[str] = collections.deque(maxlen=maxsize)
-        self.ready = asyncio.Event()
-        self.dropped = 0
-        self.unreported_drops = 0
+        self.events = events  # the assistant's events and the server's own notices, in order
+        self.ready = ready
 
-    def push(self, message: str) -> None:
-        if len(self.outbox) == self.outbox.maxlen:
-            self.dropped += 1
-            self.unreported_drops += 1
-        self.outbox.append(message)
-        self.ready.set()
+    def messages(self) -> Iterator[str]:
+        """The JSON messages queued now (a slow client's gap comes first, as a "dropped" event)."""
+        while (event := self.events.get(timeout=0)) is not None:
+            yield json.dumps(event if isinstance(event, dict) else event.to_dict(), ensure_ascii=False)
 
 
 class Hub:
@@ -181,13 +177,21 @@ class Hub:
         self._jpeg_lock = asyncio.Lock()
 
     def publish(self, event: dict) -> None:
-        message = json.dumps(event, ensure_ascii=False)
+        """A server notice (``control``) to every watcher, after the events already queued for it."""
         for w in self.watchers.values():
-            w.push(message)
+            w.events.put(event)
 
     def new_watcher(self) -> Watcher:
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:  # any thread: never blocks
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: the server is gone
+                pass
+
         self._next_id += 1
-        w = Watcher(self._next_id, self.options.ws_buffer_events)
+        w = Watcher(self._next_id, self.assistant.subscribe(self.options.ws_buffer_events, on_ready=wake), ready)
         self.watchers[w.id] = w
         return w
 
@@ -216,7 +220,8 @@ class Hub:
     def status(self) -> dict:
         data = self.assistant.status()
         data["server"] = {
-            "watchers": [{"id": w.id, "queued": len(w.outbox), "dropped": w.dropped} for w in self.watchers.values()],
+            "watchers": [{"id": w.id, "queued": len(w.events), "dropped": w.events.dropped_total}
+                         for w in self.watchers.values()],
             "streams": self.streams,
             "controlled": self.controller_id() is not None,
             "owns_source": self.assistant.source is not None,
@@ -504,18 +509,15 @@ async def events(ws: WebSocket) -> None:
         return
     await ws.accept()
     watcher = hub.new_watcher()
-    watcher.push(json.dumps({"event": "hello", "watcher": watcher.id, "status": hub.status()}, ensure_ascii=False))
+    hello = json.dumps({"event": "hello", "watcher": watcher.id, "status": hub.status()}, ensure_ascii=False)
 
     async def send_loop() -> None:
+        await ws.send_text(hello)
         while True:
             await watcher.ready.wait()
             watcher.ready.clear()
-            while watcher.outbox or watcher.unreported_drops:
-                if watcher.unreported_drops:  # say so where the gap is, before the newer events
-                    n, watcher.unreported_drops = watcher.unreported_drops, 0
-                    await ws.send_text(json.dumps({"event": "dropped", "count": n}))
-                else:
-                    await ws.send_text(watcher.outbox.popleft())
+            for message in watcher.messages():
+                await ws.send_text(message)
 
     sender = asyncio.create_task(send_loop())
     try:
@@ -528,6 +530,7 @@ async def events(ws: WebSocket) -> None:
     finally:
         sender.cancel()
         hub.watchers.pop(watcher.id, None)
+        watcher.events.close()
         if hub.controller_watcher == watcher.id:  # the controlling page closed: the next one may take over
             hub.release_control()
 
@@ -594,21 +597,11 @@ def create_app(assistant: Assistant, options: ServerOptions | None = None, *, cl
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        loop = asyncio.get_running_loop()
         hub = app.state.hub = Hub(assistant, options)
-
-        def forward(event: Any) -> None:  # worker thread: never blocks
-            try:
-                loop.call_soon_threadsafe(hub.publish, event.to_dict())
-            except RuntimeError:  # the loop is closed: the server is gone
-                pass
-
-        remove = assistant.on_event(forward)
         try:
             yield
         finally:
             hub.closing.set()
-            remove()
             if close_assistant:
                 await run_in_threadpool(assistant.close)
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
+    AssistantBusy,
+    AssistantClosed,
     BundleError,
     CheckpointError,
     EdgeDuetError,
@@ -36,9 +38,9 @@ from .manifest import Manifest  # noqa: E402
 _LAZY = {
     "Session": "edge_duet.runtime.session",
     "SessionOptions": "edge_duet.runtime.session",
-    "Assistant": "edge_duet.apps.assistant",
-    "AssistantOptions": "edge_duet.apps.assistant",
-    "AssistantBusy": "edge_duet.apps.assistant",
+    "Assistant": "edge_duet.runtime.assistant",
+    "AssistantOptions": "edge_duet.runtime.assistant",
+    "Subscription": "edge_duet.runtime.subscription",
     "Reply": "edge_duet.runtime.events",
     "Silence": "edge_duet.runtime.events",
     "TokenDelta": "edge_duet.runtime.events",
@@ -48,9 +50,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .apps.assistant import Assistant, AssistantOptions  # noqa: F401
+    from .runtime.assistant import Assistant, AssistantOptions  # noqa: F401
     from .runtime.events import Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats  # noqa: F401
     from .runtime.session import Session, SessionOptions  # noqa: F401
+    from .runtime.subscription import Subscription  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -62,7 +65,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "__version__", "Assistant", "AssistantBusy", "AssistantOptions", "BundleError", "CheckpointError", "EdgeDuetError", "Evicted",
+    "__version__", "Assistant", "AssistantBusy", "AssistantClosed", "AssistantOptions", "BundleError", "CheckpointError", "EdgeDuetError", "Evicted",
     "InputError", "Manifest", "ProviderError", "Reply", "Session", "SessionOptions", "Silence", "SourceError",
-    "TokenDelta", "TurnStarted", "TurnStats", "ValidationError",
+    "Subscription", "TokenDelta", "TurnStarted", "TurnStats", "ValidationError",
 ]

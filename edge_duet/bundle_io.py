@@ -1,5 +1,5 @@
-"""Writing bundles safely: every stage that writes one (export, quantize) writes it to a temporary directory
-beside the target and renames it into place only when it is complete."""
+"""Where bundles are, and writing them safely: every stage that writes one (export, quantize) writes it to a
+temporary directory beside the target and renames it into place only when it is complete."""
 
 from __future__ import annotations
 
@@ -9,7 +9,23 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import BundleError, UsageError
+
+
+def default_model_dir() -> Path:
+    """The demo bundle shipped inside the package (see docs/MODEL_CARD.md)."""
+    return Path(__file__).resolve().parent / "models" / "demo"
+
+
+def demo_model() -> Path:
+    """:func:`default_model_dir`, checked: a package installed without its data files says so."""
+    path = default_model_dir()
+    if not (path / "manifest.json").is_file():
+        raise BundleError(
+            f"the bundled demo model is missing at {path}. Pass a bundle made with "
+            "`edge-duet export CHECKPOINT BUNDLE`, or reinstall edge-duet."
+        )
+    return path
 
 
 def prepare_target(out: Path, overwrite: bool) -> Path:

@@ -1,4 +1,5 @@
-"""The embedding API (apps/assistant.py) on the tiny bundle: threads, queues, sources, faults, closing."""
+"""The embedding API (runtime/assistant.py, the one driver) on the tiny bundle: threads, queues, sources, faults,
+closing."""
 
 from __future__ import annotations
 
@@ -8,18 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from edge_duet.apps.assistant import (
-    Assistant,
-    AssistantBusy,
-    AssistantClosed,
-    AssistantOptions,
-    Closed,
-    Dropped,
-    ModelError,
-    ResetDone,
-    SourceStatus,
-)
-from edge_duet.errors import InputError, SourceError, UsageError
+from edge_duet.errors import AssistantBusy, AssistantClosed, InputError, SourceError, UsageError
+from edge_duet.runtime.assistant import Assistant, AssistantOptions
+from edge_duet.runtime.subscription import Closed, Dropped, ModelError, ResetDone, SourceStatus
 from edge_duet.runtime.events import Reply, Silence, TokenDelta, TurnStarted, TurnStats
 
 ONE_FRAME = AssistantOptions(frame_interval_s=1.0, frames_per_turn=1, max_new_tokens=8)

@@ -265,7 +265,6 @@ def test_the_help_checker_catches_a_flag_the_command_lacks():
 
 
 def test_every_exit_code_is_in_the_table_of_docs_run_md():
-    import edge_duet.apps.assistant  # noqa: F401 - AssistantBusy and AssistantClosed
     from edge_duet.errors import EdgeDuetError
 
     def subclasses(cls):

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("starlette", reason="the kiosk needs the serve extra (starlette, uvicorn)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the kiosk test needs playwright (pip install playwright)")
 
-from edge_duet.apps.assistant import Assistant, AssistantOptions  # noqa: E402
+from edge_duet.runtime.assistant import Assistant, AssistantOptions  # noqa: E402
 from edge_duet.apps.server import ServerOptions  # noqa: E402
 from test_assistant import write_video  # noqa: E402
 from test_server import running_server  # noqa: E402

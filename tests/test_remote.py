@@ -310,7 +310,7 @@ def test_cli_errors_name_the_fix(served, tmp_path):
 
 def test_assistant_behind_serve_drives_the_remote_session(served):
     """`edge-duet serve --server …` runs the Assistant (worker thread, subscriptions) over a RemoteSession."""
-    from edge_duet.apps.assistant import Assistant, AssistantOptions
+    from edge_duet.runtime.assistant import Assistant, AssistantOptions
 
     ckpt, bundle, server = served
     frames = [f[..., ::-1].copy() for f in random_frames(np.random.default_rng(19), 2)]  # BGR, as a camera gives

@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
 ws_sync = pytest.importorskip("websockets.sync.client", reason="the server tests need websockets")
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
-from edge_duet.apps.assistant import Assistant, AssistantOptions  # noqa: E402
+from edge_duet.runtime.assistant import Assistant, AssistantOptions  # noqa: E402
 from edge_duet.apps.server import ServerOptions, check_bind, create_app, make_server, openapi_spec  # noqa: E402
 from edge_duet.errors import UsageError  # noqa: E402
 

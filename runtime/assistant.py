@@ -1,20 +1,28 @@
-"""The embedding API: a proactive assistant that an app feeds frames and questions, and listens to.
+"""The one threaded driver: a proactive assistant that an app feeds frames and questions, and listens to.
 
-One worker thread owns the :class:`~edge_duet.runtime.session.Session`. Every public method only touches
-thread-safe structures, so any thread (a UI loop, a camera callback, an asyncio server) may call them::
+(Over 500 lines: the public methods and the worker that serves them share one lock and one set of counters;
+split in two, the counters would be held in two places again.)
 
-    add_frame ─────┐                    (or a CaptureThread reading a camera / file / URL, see attach())
-                   v
+One worker thread owns the :class:`~edge_duet.runtime.session.Session` (or a remote session). Every public
+method only touches thread-safe structures, so any thread (a UI loop, a camera callback, an asyncio server)
+may call them::
+
+    add_frame ─────┐             attach(source): open_capture() picks the source and its clock, a CaptureThread
+                   v                             reads it (camera / file / URL / GStreamer)
              FrameSampler (one frame per frame_interval_s, frames_per_turn at most: newest wins)
                    │
     ask / reset ─> bounded command queue ─> worker thread: Session.add_frames / ask / step ─> events
                                                                                                 │
     subscribe() <── one bounded buffer per subscriber (drops its oldest event, never blocks) <──┘
-    on_event(cb) <── called on the worker thread (hand the event to your own loop and return)
+    on_event(cb) <── called on the emitting thread (hand the event on and return)
 
 Frames are never queued behind a slow model: the sampler keeps the newest ones. A question joins the next turn
-(the proactive protocol, shared/PROTOCOL.md); when no frames arrive for a whole turn it is asked in a text-only
-turn, so an app without a camera still gets answers.
+(the proactive protocol, shared/PROTOCOL.md); when no frames arrive for a whole turn (no source, or the source
+ended or is lost) it is asked in a text-only turn, so an app without a camera still gets answers.
+
+The counters (turns, replies, context fill, pending questions, frames sampled/dropped, lag) live here and only
+here: :meth:`Assistant.status` is what every consumer reads. ``edge-duet run`` (apps/runner.py) and
+``edge-duet serve`` (apps/server.py) are consumers of this driver's events; see runtime/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -24,20 +32,25 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from edge_duet.errors import AssistantBusy, AssistantClosed, EdgeDuetError, InputError, UsageError
+
+from .capture import CaptureThread, SourceSpec, open_source
+from .clock import Clock, FrameSampler, LiveClock, PlaybackClock, SamplerClosed, SimulatedClock
+from .events import Reply, TurnStarted, TurnStats
+from .subscription import Fanout, ModelError, ResetDone, SourceStatus, Subscription, TurnFrames
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AssistantOptions:
-    """Pacing and buffering. ``None`` takes the bundle's default (``manifest.prompt``)."""
+    """Pacing, buffering and what ends the stream. ``None`` takes the bundle's default (``manifest.prompt``)."""
 
     frame_interval_s: float | None = None  # video seconds between the frames the model sees
     frames_per_turn: int | None = None
@@ -48,120 +61,38 @@ class AssistantOptions:
     subscriber_buffer_events: int = 256
     reply_history: int = 20  # finished replies kept for status() (a page that reconnects shows them)
     reset_on_error: bool = True  # after a model error: reset the session and keep serving
+    close_on_error: bool = False  # after a model error: close (``error`` holds it); `edge-duet run` ends so
+    close_at_source_end: bool = False  # when the attached source ends (unlooped): settle the dialogue and close
 
 
-# ---------------------------------------------------------------- events added to the Session's (runtime/events.py)
-@dataclass(frozen=True)
-class AssistantEvent:
-    @property
-    def kind(self) -> str:
-        return type(self).__name__
-
-    def to_dict(self) -> dict:
-        return {"event": self.EVENT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+def as_source_spec(source: Any) -> SourceSpec:
+    """A camera index (int), a file path or URL (str), or a :class:`SourceSpec` as it is."""
+    if isinstance(source, SourceSpec):
+        return source
+    kind = "camera" if isinstance(source, int) else "url" if "://" in str(source) else "file"
+    return SourceSpec(kind, str(source))
 
 
-@dataclass(frozen=True)
-class ModelError(AssistantEvent):
-    """A turn failed in the model. ``recovered``: the session was reset and the assistant goes on."""
+def open_capture(source: Any, realtime: bool = True) -> tuple[Any, Clock]:
+    """The one place a source and its clock are chosen: ``(opened source, clock)``.
 
-    EVENT = "error"
-    message: str
-    turn: int
-    recovered: bool
-
-
-@dataclass(frozen=True)
-class ResetDone(AssistantEvent):
-    """The dialogue was forgotten (``reason``: "request" or "error"); the model stays loaded."""
-
-    EVENT = "reset"
-    reason: str
-
-
-@dataclass(frozen=True)
-class SourceStatus(AssistantEvent):
-    """The attached source changed state: lost, retry, reconnected, corrupt, eof, looped, error."""
-
-    EVENT = "source"
-    status: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Dropped(AssistantEvent):
-    """This subscriber was too slow: ``count`` of its oldest events were dropped."""
-
-    EVENT = "dropped"
-    count: int
-
-
-@dataclass(frozen=True)
-class Closed(AssistantEvent):
-    """The assistant closed; nothing follows."""
-
-    EVENT = "closed"
-
-
-class Subscription:
-    """A bounded event buffer for one consumer: iterate it or call :meth:`get`.
-
-    A consumer that falls behind loses the oldest events and reads a :class:`Dropped` first. Iteration ends
-    when the assistant closes (after its :class:`Closed` event) or after :meth:`close`.
+    ``source``: a :class:`SourceSpec`, a camera index, a file path / URL, or an already opened source (anything
+    with a ``spec`` and ``grab``). A live source (camera, stream, GStreamer) runs on the wall clock; a file plays
+    in real time, or with ``realtime=False`` as fast as the model goes with every sample used (the simulated
+    clock: deterministic, what tests and evaluation use). Raises :class:`~edge_duet.errors.SourceError`.
     """
-
-    def __init__(self, owner: "Assistant", maxsize: int):
-        self._owner = owner
-        self._buf: collections.deque = collections.deque(maxlen=max(1, int(maxsize)))
-        self._cond = threading.Condition()
-        self._unreported = 0
-        self.dropped_total = 0
-        self._ended = False
-
-    def _put(self, event: Any) -> None:
-        with self._cond:
-            if self._ended:
-                return
-            if len(self._buf) == self._buf.maxlen:
-                self._unreported += 1
-                self.dropped_total += 1
-            self._buf.append(event)
-            self._cond.notify()
-
-    def _end(self) -> None:
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-
-    def get(self, timeout: float | None = None) -> Any | None:
-        """The next event; ``None`` after ``timeout`` seconds, or when ended and drained."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._buf or self._unreported or self._ended, timeout):
-                return None
-            if self._unreported:
-                n, self._unreported = self._unreported, 0
-                return Dropped(count=n)
-            return self._buf.popleft() if self._buf else None
-
-    def __iter__(self) -> Iterator[Any]:
-        while (event := self.get()) is not None:
-            yield event
-
-    def close(self) -> None:
-        self._owner._unsubscribe(self)
-        self._end()
-
-    def __enter__(self) -> "Subscription":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    video = source if hasattr(source, "grab") and hasattr(source, "spec") else open_source(as_source_spec(source))
+    if not realtime and video.spec.live:
+        video.release()
+        raise UsageError(f"realtime=False plays files only; {video.spec.describe()} runs on the wall clock.")
+    clock = LiveClock() if video.spec.live else PlaybackClock() if realtime else SimulatedClock()
+    return video, clock
 
 
 @dataclass
 class _Capture:
-    spec: Any  # runtime.capture.SourceSpec
-    thread: Any  # runtime.capture.CaptureThread
+    spec: SourceSpec
+    thread: CaptureThread
     stop: threading.Event
     loop: bool
     realtime: bool
@@ -169,29 +100,32 @@ class _Capture:
     state: str = "running"  # running | lost | ended | error
     finished: bool = False  # its sampler closed and the end was handled
 
+    @property
+    def clock(self) -> Clock:
+        return self.thread.clock
+
 
 class Assistant:
     """A proactive video assistant running in its own thread (see the module docs for the data flow).
 
     ``model``: a bundle directory (default: the bundled demo model). ``session_options``: keyword arguments of
     :class:`~edge_duet.runtime.session.SessionOptions`. A bundle that cannot load raises here
-    (:class:`~edge_duet.errors.BundleError`). ``session``: an already built Session to use instead.
+    (:class:`~edge_duet.errors.BundleError`). ``session``: an already built session to use instead (a
+    :class:`~edge_duet.runtime.remote.RemoteSession`, say).
     """
 
     def __init__(self, model: str | Path | None = None, options: AssistantOptions | None = None,
                  session_options: dict | None = None, *, session: Any = None):
-        from edge_duet.runtime.clock import FrameSampler
-
-        self.options = options or AssistantOptions()
+        self.options = o = options or AssistantOptions()
         if session is None:
-            from edge_duet.apps.common import resolve_model
-            from edge_duet.runtime.session import Session, SessionOptions
+            from edge_duet.bundle_io import demo_model
 
-            kwargs = {"max_new_tokens": self.options.max_new_tokens, **(session_options or {})}
-            session = Session(resolve_model(Path(model) if model is not None else None), SessionOptions(**kwargs))
+            from .session import Session, SessionOptions
+
+            kwargs = {"max_new_tokens": o.max_new_tokens, **(session_options or {})}
+            session = Session(Path(model) if model is not None else demo_model(), SessionOptions(**kwargs))
         self._session = session  # touched only by the worker thread from here on (cancel() is thread-safe)
         prompt = session.manifest.prompt
-        o = self.options
         self.frame_interval_s = float(prompt.frame_interval_s if o.frame_interval_s is None else o.frame_interval_s)
         self.frames_per_turn = int(prompt.frames_per_turn if o.frames_per_turn is None else o.frames_per_turn)
         if self.frame_interval_s <= 0 or self.frames_per_turn < 1:
@@ -199,29 +133,32 @@ class Assistant:
                              f"and {self.frames_per_turn}.")
         self.model_name = session.manifest.name
         self.must_reply_prefix = prompt.must_reply_prefix
-        self._new_sampler = lambda drop=True: FrameSampler(self.frame_interval_s, self.frames_per_turn, drop)
+        self.error: BaseException | None = None  # the model error that closed it (close_on_error)
 
         self._lock = threading.Lock()  # guards everything below that two threads touch
+        self._fanout = Fanout(o.subscriber_buffer_events)
         self._sampler = self._new_sampler()
+        self._retired = collections.Counter()  # counts of samplers replaced (reset, detach, source end)
         self._capture: _Capture | None = None
         self._latest: tuple[int, np.ndarray, float] | None = None  # (index, BGR image, t) of the newest frame
         self._latest_key: Any = None
         self._frames_received = 0
-        self._commands: queue.Queue = queue.Queue(maxsize=self.options.command_queue_size)
+        self._commands: queue.Queue = queue.Queue(maxsize=o.command_queue_size)
         self._asks_queued = 0  # in the command queue
         self._asks_applied = 0  # given to the session, not yet in a turn
         self._ask_since: float | None = None
         self._closing = threading.Event()
-        self._subs: list[Subscription] = []
-        self._callbacks: list[Callable[[Any], None]] = []
+        self._finish = threading.Event()  # finish(): end the stream after the current turn
+        self._done = threading.Event()  # the worker has ended
         self._state = "waiting"  # waiting | running | error | closed
         self._turns = self._replies = self._errors = 0
         self._last_error: str | None = None
         self._last_turn_t: float | None = None
         self._last_turn_s: float | None = None
+        self._last_lag_s = self._max_lag_s = 0.0
         self._context_tokens = 0
         self._max_context_tokens = int(getattr(session, "max_context_tokens", 0) or 0)
-        self._recent: collections.deque = collections.deque(maxlen=max(1, self.options.reply_history))
+        self._recent: collections.deque = collections.deque(maxlen=max(1, o.reply_history))
         self._t0 = time.monotonic()
         self._worker = threading.Thread(target=self._run, name="edge-duet-assistant", daemon=True)
         self._worker.start()
@@ -253,7 +190,7 @@ class Assistant:
 
     def ask(self, text: str, must_reply: bool = False) -> None:
         """Attach a question to the next turn; ``must_reply`` makes the model answer in it.
-        Raises :class:`AssistantBusy` when ``command_queue_size`` commands already wait."""
+        Raises :class:`~edge_duet.errors.AssistantBusy` when ``command_queue_size`` commands already wait."""
         self._check_open()
         if not isinstance(text, str) or not text.strip():
             raise InputError("a question must be non-empty text.")
@@ -274,56 +211,44 @@ class Assistant:
         """End the reply being decoded now."""
         self._session.cancel()
 
-    def attach(self, source: Any, *, loop: bool = False, realtime: bool = True) -> None:
+    def attach(self, source: Any, *, loop: bool = False, realtime: bool = True, clock: Clock | None = None) -> None:
         """Read frames from a camera, file, URL or GStreamer pipeline in a capture thread.
 
-        ``source``: a :class:`~edge_duet.runtime.capture.SourceSpec`, a camera index (int), or a file path / URL
-        (str). A file plays in real time (``realtime=False``: as fast as the model goes, every sample used) and,
-        with ``loop``, starts over at its end. Raises :class:`~edge_duet.errors.SourceError` if it cannot open.
+        ``source``: see :func:`open_capture` (a camera index, a file path / URL, a
+        :class:`~edge_duet.runtime.capture.SourceSpec`, or an opened source). A file plays in real time
+        (``realtime=False``: as fast as the model goes, every sample used) and, with ``loop``, starts over at its
+        end. ``clock``: the one :func:`open_capture` chose for this opened source (an app that opened it first, to
+        fail before the model loads, and names its clock). Raises :class:`~edge_duet.errors.SourceError` if it
+        cannot open.
         """
-        from edge_duet.runtime.capture import SourceSpec
-
         self._check_open()
-        if not isinstance(source, SourceSpec):
-            kind = "camera" if isinstance(source, int) else "url" if "://" in str(source) else "file"
-            source = SourceSpec(kind, str(source))
         if self._capture is not None:
             raise UsageError(f"{self._capture.spec.describe()} is already attached; detach() it first.")
-        self._start_capture(source, loop, realtime, t_offset=0.0)
+        self._start_capture(source, loop, realtime, t_offset=0.0, clock=clock)
 
     def detach(self, timeout: float = 5.0) -> None:
         """Stop the attached source (if any); frames may then be added with :meth:`add_frame` again."""
         with self._lock:
             cap, self._capture = self._capture, None
-            old, self._sampler = self._sampler, self._new_sampler()
+            old = self._swap_sampler()
         if cap is not None:
             cap.stop.set()
             old.abort()
             cap.thread.join(timeout)
 
     # ------------------------------------------------------------------ outputs
-    def subscribe(self, maxsize: int | None = None) -> Subscription:
-        """A new bounded event buffer (events from now on)."""
-        sub = Subscription(self, maxsize or self.options.subscriber_buffer_events)
-        with self._lock:
-            if self._state == "closed":
-                sub._end()
-            else:
-                self._subs.append(sub)
-        return sub
+    def subscribe(self, maxsize: int | None = None, on_ready: Callable[[], None] | None = None,
+                  frames: bool = False) -> Subscription:
+        """A new bounded event buffer (events from now on). ``on_ready``: called after each event is queued
+        (for an event loop that polls with ``get(timeout=0)``); it must return at once. ``frames``: also get a
+        :class:`~edge_duet.runtime.subscription.TurnFrames` before each turn that brings frames."""
+        return self._fanout.subscribe(maxsize, on_ready, frames)
 
-    def on_event(self, callback: Callable[[Any], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` on the worker thread for every event; it must return at once (e.g.
-        ``loop.call_soon_threadsafe``). Its exceptions are logged, never raised. Returns the unsubscribe call."""
-        with self._lock:
-            self._callbacks.append(callback)
-
-        def remove() -> None:
-            with self._lock:
-                if callback in self._callbacks:
-                    self._callbacks.remove(callback)
-
-        return remove
+    def on_event(self, callback: Callable[[Any], None], frames: bool = False) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event, on the thread that emits it (the worker; the capture thread
+        for :class:`SourceStatus`); it must return at once (e.g. ``loop.call_soon_threadsafe``). Its exceptions
+        are logged, never raised. ``frames``: as for :meth:`subscribe`. Returns the unsubscribe call."""
+        return self._fanout.on_event(callback, frames)
 
     def latest_frame(self) -> tuple[int, np.ndarray, float] | None:
         """``(index, BGR image, t)`` of the newest frame received or captured; ``None`` before the first.
@@ -340,7 +265,7 @@ class Assistant:
 
     def status(self) -> dict:
         with self._lock:
-            cap, sampler = self._capture, self._sampler
+            cap, sampler, retired = self._capture, self._sampler, self._retired
             return {
                 "state": self._state,
                 "model": self.model_name,
@@ -350,16 +275,21 @@ class Assistant:
                 "turns": self._turns,
                 "replies": self._replies,
                 "frames_received": self._frames_received + (cap.thread.frames_read if cap else 0),
-                "frames_sampled": sampler.sampled_frames,
-                "frames_dropped": sampler.dropped_frames,
+                "frames_sampled": retired["sampled"] + sampler.sampled_frames,
+                "frames_dropped": retired["dropped"] + sampler.dropped_frames,
+                "missed_samples": retired["missed"] + sampler.missed_samples,
+                "corrupt_frames": cap.thread.corrupt_frames if cap else 0,
+                "reconnects": cap.thread.reconnects if cap else 0,
                 "last_turn_t": self._last_turn_t,
                 "last_turn_s": self._last_turn_s,
+                "last_lag_s": self._last_lag_s,
+                "max_lag_s": self._max_lag_s,
                 "context_tokens": self._context_tokens,
                 "max_context_tokens": self._max_context_tokens,
                 "pending_questions": self._asks_queued + self._asks_applied,
                 "errors": self._errors,
                 "last_error": self._last_error,
-                "subscribers": len(self._subs) + len(self._callbacks),
+                "subscribers": len(self._fanout),
                 "source": cap.spec.describe() if cap else None,
                 "source_state": cap.state if cap else None,
                 "worker_alive": self._worker.is_alive(),
@@ -373,19 +303,45 @@ class Assistant:
         return cap.spec.describe() if cap is not None else None
 
     @property
+    def clock(self) -> Clock | None:
+        """The attached source's clock (its ``now()`` is the stream's time), or ``None``."""
+        cap = self._capture
+        return cap.clock if cap is not None else None
+
+    @property
+    def source_error(self) -> BaseException | None:
+        """Why the attached source stopped delivering (a :class:`~edge_duet.errors.SourceError`), if it did."""
+        cap = self._capture
+        return cap.thread.error if cap is not None else None
+
+    @property
+    def sampler(self) -> FrameSampler:
+        """The frame sampler in use (its counts are this source's; :meth:`status` sums every sampler's)."""
+        return self._sampler
+
+    @property
     def alive(self) -> bool:
         return self._worker.is_alive() and not self._closing.is_set()
 
     # ------------------------------------------------------------------ lifetime
+    def finish(self) -> None:
+        """End the stream: the turn being processed completes, the last provisional silence is settled
+        (``Session.finish``), then the assistant closes (its source stopped, every subscription ended)."""
+        self._finish.set()
+        self._sampler.abort()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has ended (closed, finished, or the source ended with ``close_at_source_end``)."""
+        return self._done.wait(timeout)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the source and the worker (ending a reply being decoded); ends every subscription."""
         if self._closing.is_set():
+            self._join(timeout)
             return
         self._closing.set()
-        self.detach(timeout)
         self._session.cancel()
-        if self._worker is not threading.current_thread():
-            self._worker.join(timeout)
+        self._join(timeout)
 
     def __enter__(self) -> "Assistant":
         return self
@@ -394,8 +350,19 @@ class Assistant:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _join(self, timeout: float) -> None:
+        with self._lock:
+            cap, sampler = self._capture, self._sampler
+        sampler.abort()
+        if cap is not None:
+            cap.stop.set()
+            cap.thread.sampler.abort()
+            cap.thread.join(timeout)
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+
     def _check_open(self) -> None:
-        if self._closing.is_set():
+        if self._closing.is_set() or self._done.is_set():
             raise AssistantClosed("this assistant is closed; create a new Assistant.")
 
     def _put(self, command: tuple) -> None:
@@ -405,31 +372,26 @@ class Assistant:
             raise AssistantBusy(f"{self._commands.maxsize} commands already wait for the model; "
                                 "retry after the next turn.") from None
 
-    def _unsubscribe(self, sub: Subscription) -> None:
-        with self._lock:
-            if sub in self._subs:
-                self._subs.remove(sub)
+    def _new_sampler(self, drop: bool = True) -> FrameSampler:
+        return FrameSampler(self.frame_interval_s, self.frames_per_turn, drop)
+
+    def _swap_sampler(self, new: FrameSampler | None = None) -> FrameSampler:
+        """Put ``new`` (default: a fresh dropping sampler) in place, keeping the old one's counts; lock held."""
+        old, self._sampler = self._sampler, new or self._new_sampler()
+        self._retired.update(sampled=old.sampled_frames, dropped=old.dropped_frames, missed=old.missed_samples)
+        return old
 
     def _emit(self, event: Any) -> None:
-        with self._lock:
-            subs, callbacks = list(self._subs), list(self._callbacks)
-        for sub in subs:
-            sub._put(event)
-        for callback in callbacks:
-            try:
-                callback(event)
-            except Exception:  # a listener's bug must not stop the model
-                log.exception("event listener %r failed", callback)
+        self._fanout.emit(event)
 
-    def _start_capture(self, spec: Any, loop: bool, realtime: bool, t_offset: float) -> None:
-        from edge_duet.runtime.capture import CaptureThread, open_source
-        from edge_duet.runtime.clock import LiveClock, PlaybackClock, SimulatedClock
-
-        video = open_source(spec)
-        clock = LiveClock() if spec.live else PlaybackClock() if realtime else SimulatedClock()
+    def _start_capture(self, source: Any, loop: bool, realtime: bool, t_offset: float,
+                       clock: Clock | None = None) -> None:
+        video, chosen = open_capture(source, realtime)
+        clock = clock or chosen
+        spec = video.spec
         sampler = self._new_sampler(clock.drops_frames)
         stop = threading.Event()
-        cap = _Capture(spec, None, stop, loop, realtime, t_offset)
+        cap = _Capture(spec, None, stop, loop, realtime, t_offset)  # type: ignore[arg-type]
 
         def on_status(status: str, message: str) -> None:  # capture thread
             cap.state = {"lost": "lost", "retry": "lost", "reconnected": "running", "eof": "ended",
@@ -438,68 +400,85 @@ class Assistant:
 
         cap.thread = CaptureThread(video, clock, sampler, stop=stop, on_status=on_status, keep_latest=True)
         with self._lock:
-            self._capture, self._sampler = cap, sampler
+            self._capture = cap
+            self._swap_sampler(sampler)
         cap.thread.start()
 
     def _run(self) -> None:
-        from edge_duet.runtime.clock import SamplerClosed
-
         try:
             while not self._closing.is_set():
                 try:
                     self._drain_commands()
-                except Exception as exc:  # a session that cannot even take a question: report, keep the thread
-                    log.exception("applying a command failed")
-                    self._emit(ModelError(f"{type(exc).__name__}: {exc}", self._turns, False))
+                except Exception as exc:  # a session that cannot even take a question
+                    if self._failed(exc, self._turns, reset=False):
+                        return
+                if self._finish.is_set():
+                    self._turn(None, self._last_turn_t or 0.0)  # settle the last provisional silence
+                    return
                 with self._lock:
                     sampler, cap = self._sampler, self._capture
                 try:
                     turn = sampler.take(timeout=0.05)
                 except SamplerClosed:
+                    if self._finish.is_set():
+                        continue
                     if cap is not None and sampler is cap.thread.sampler and not cap.finished:
                         cap.finished = True
-                        self._source_ended(cap)
+                        if self._source_ended(cap):
+                            return
                     else:
-                        self._closing.wait(0.01)  # detach() is swapping the sampler
+                        self._closing.wait(0.01)  # detach() is swapping the sampler, or finish() aborted it
                     continue
                 if turn is not None:
                     self._drain_commands()  # a question that came while we waited joins this turn
-                    offset = cap.t_offset if cap is not None and sampler is cap.thread.sampler else 0.0
+                    own = cap is not None and sampler is cap.thread.sampler
+                    offset = cap.t_offset if own else 0.0
+                    lag = cap.clock.lag(turn.t) if own else 0.0
+                    with self._lock:
+                        self._last_lag_s, self._max_lag_s = lag, max(self._max_lag_s, lag)
+                    self._emit(TurnFrames(turn.t + offset, tuple(x + offset for x in turn.times_s), lag,
+                                          sampler.dropped_frames, sampler.missed_samples))
                     self._turn(list(turn.frames), turn.t + offset)
-                elif self._ask_since is not None and time.monotonic() - self._ask_since > self._question_wait_s():
+                elif (self._ask_since is not None and (cap is None or cap.state != "running")
+                      and time.monotonic() - self._ask_since > self._question_wait_s()):
                     self._turn([], self._last_turn_t or 0.0)  # no frames are coming: ask in a text-only turn
         finally:
             with self._lock:
                 self._state = "closed"
-                subs, self._subs = self._subs, []
-                callbacks = list(self._callbacks)
-            for callback in callbacks:
-                try:
-                    callback(Closed())
-                except Exception:
-                    log.exception("event listener %r failed", callback)
-            for sub in subs:
-                sub._put(Closed())
-                sub._end()
+                cap = self._capture
+            self._closing.set()
+            if cap is not None:
+                cap.stop.set()
+                cap.thread.sampler.abort()
+            self._fanout.close()
+            self._done.set()
 
     def _question_wait_s(self) -> float:
         return self.frame_interval_s * self.frames_per_turn + 0.5
 
-    def _source_ended(self, cap: _Capture) -> None:
-        if cap.loop and cap.thread.error is None and not self._closing.is_set():
-            offset = cap.t_offset + (cap.thread.clock.now() or 0.0) + self.frame_interval_s
+    def _source_ended(self, cap: _Capture) -> bool:
+        """The attached source's sampler closed. Returns whether the assistant ends with it."""
+        if self._closing.is_set():
+            return True
+        if cap.loop and cap.thread.error is None:
+            offset = cap.t_offset + (cap.clock.now() or 0.0) + self.frame_interval_s
             with self._lock:
                 self._capture = None
             try:
                 self._start_capture(cap.spec, True, cap.realtime, t_offset=offset)
                 self._emit(SourceStatus("looped", f"{cap.spec.describe()} started over"))
-                return
+                return False
             except Exception as exc:  # SourceError, or OpenCV failing in its own way
+                with self._lock:
+                    self._capture = cap
                 self._emit(SourceStatus("error", f"{cap.spec.describe()} could not start over: {exc}"))
         self._turn(None, self._last_turn_t or 0.0)  # the end: settle the last provisional silence
-        with self._lock:  # keep showing the last frame; text-only turns still answer; add_frame waits for detach()
-            self._sampler = self._new_sampler()
         cap.state = "error" if cap.thread.error is not None else "ended"
+        if self.options.close_at_source_end or self._closing.is_set():
+            return True
+        with self._lock:  # keep showing the last frame; text-only turns still answer; add_frame waits for detach()
+            self._swap_sampler()
+        return False
 
     def _drain_commands(self) -> None:
         while True:
@@ -508,9 +487,10 @@ class Assistant:
             except queue.Empty:
                 return
             if command[0] == "ask":
-                self._session.ask(command[1], must_reply=command[2])
                 with self._lock:
                     self._asks_queued -= 1
+                self._session.ask(command[1], must_reply=command[2])
+                with self._lock:
                     self._asks_applied += 1
                     self._ask_since = self._ask_since or time.monotonic()
             else:
@@ -523,13 +503,36 @@ class Assistant:
             if self._state == "error":
                 self._state = "waiting"
             if self._capture is None:  # posted frames may start their clock again
-                self._sampler = self._new_sampler()
+                self._swap_sampler()
         self._emit(ResetDone(reason))
+
+    def _failed(self, exc: BaseException, turn: int, reset: bool = True) -> bool:
+        """Report a model error; recover (reset), wait for a reset, or close. Returns whether to close."""
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("the model failed: %s", message, exc_info=not isinstance(exc, EdgeDuetError))
+        closing = self.options.close_on_error
+        recovered = False
+        if reset and self.options.reset_on_error and not closing:
+            try:
+                self._session.reset()
+                recovered = True
+            except Exception:  # pragma: no cover - a runtime that cannot even reset
+                log.exception("reset after the error failed too")
+        with self._lock:
+            self._errors += 1
+            self._last_error = message
+            self._state = "waiting" if recovered else "error"
+            if recovered:
+                self._asks_applied, self._ask_since, self._context_tokens = 0, None, 0
+            if closing:
+                self.error = exc
+        self._emit(ModelError(message, turn, recovered))
+        if recovered:
+            self._emit(ResetDone("error"))
+        return closing
 
     def _turn(self, frames: list[np.ndarray] | None, t: float) -> None:
         """One Session turn (``frames=None``: Session.finish()); a model error is reported, not raised."""
-        from edge_duet.runtime import events as ev
-
         with self._lock:
             self._state = "running"
         started, turn = time.perf_counter(), self._turns
@@ -543,35 +546,19 @@ class Assistant:
             for event in steps:
                 turn = getattr(event, "turn", turn)
                 with self._lock:
-                    if isinstance(event, ev.TurnStarted) and event.question is not None:
+                    if isinstance(event, TurnStarted) and event.question is not None:
                         self._asks_applied, self._ask_since = 0, None
-                    elif isinstance(event, ev.TurnStats):  # counted before anyone hears of it: status() agrees
+                    elif isinstance(event, TurnStats):  # counted before anyone hears of it: status() agrees
                         self._context_tokens, self._max_context_tokens = event.context_tokens, event.max_context_tokens
                         self._turns += 1
                         self._last_turn_t, self._last_turn_s = t, time.perf_counter() - started
-                    elif isinstance(event, ev.Reply):
+                    elif isinstance(event, Reply):
                         self._replies += 1
                         self._recent.append({"turn": event.turn, "t": event.t, "text": event.text})
                 self._emit(event)
-        except Exception as exc:  # the model failed: tell everyone, then recover (or wait for a reset)
-            message = f"{type(exc).__name__}: {exc}"
-            log.error("turn at t=%.2f s failed: %s", t, message, exc_info=not isinstance(exc, EdgeDuetError))
-            recovered = False
-            if self.options.reset_on_error:
-                try:
-                    self._session.reset()
-                    recovered = True
-                except Exception:  # pragma: no cover - a runtime that cannot even reset
-                    log.exception("reset after the error failed too")
-            with self._lock:
-                self._errors += 1
-                self._last_error = message
-                self._state = "waiting" if recovered else "error"
-                if recovered:
-                    self._asks_applied, self._ask_since, self._context_tokens = 0, None, 0
-            self._emit(ModelError(message, turn, recovered))
-            if recovered:
-                self._emit(ResetDone("error"))
+        except Exception as exc:  # the model failed: tell everyone, then recover, wait for a reset, or close
+            if self._failed(exc, turn):
+                self._closing.set()
             return
         with self._lock:
             if self._state == "running":
