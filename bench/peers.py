@@ -4,7 +4,7 @@ The peers live in their own Python environment (``--peer-python``, or ``EDGE_DUE
 brings its own onnxruntime, which must not replace the project's. Conversion runs here, in the bench's interpreter
 (it has torch and transformers), with the peers' own converters: onnxruntime-genai's model builder (found in the
 peers' environment) and llama.cpp's ``convert_hf_to_gguf.py`` (``--llama-cpp-src``, or ``EDGE_DUET_LLAMA_CPP_SRC``:
-a llama.cpp source tree, e.g. llama-cpp-python's sdist's ``vendor/llama.cpp``). The converted models are kept in
+a llama.cpp source tree, e.g. llama-cpp-python's sdist's ``vendor/llama.cpp``; run by ``gguf_convert.py``). The converted models are kept in
 the bench cache. Each peer's turns run in ``peer_worker.py`` under the peers' interpreter; this side renders the
 turns (the same ids and resized frames edge-duet sees) and keeps the dialogue's closing ids.
 
@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_duet import isolate
+from edge_duet.errors import PeerUnavailable
 
-from .harness import Job, PeerUnavailable
+from .harness import Job
 from .stream import BenchOptions, synthetic_frames
 
 PEERS = ("onnxruntime-genai", "llama.cpp")
@@ -82,12 +83,12 @@ def _probe(python: str | None, peer: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def _convert(cmd: list[str], out: Path, what: str, env: dict | None = None) -> None:
+def _convert(cmd: list[str], out: Path, what: str) -> None:
     """Run a converter once into ``out`` (kept when it succeeded); PeerUnavailable with its last lines if not."""
     if (out / ".done").is_file():
         return
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     log = (proc.stdout + proc.stderr).strip()
     (out / "convert.log").write_text(log + "\n")
     if proc.returncode != 0:
@@ -128,12 +129,11 @@ def prepare_llama_cpp(checkpoint: str, src: str | None, cache: Path) -> tuple[Pa
     if not script.is_file():
         raise PeerUnavailable(f"cannot convert this model: {script} not found")
     out = cache / "peers" / f"gguf-{_key(checkpoint)}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(src) / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
     text, mmproj = out / "model-f32.gguf", out / "mmproj-f32.gguf"
-    _convert([sys.executable, str(script), checkpoint, "--outtype", "f32", "--outfile", str(text)], out / "text",
-             "convert_hf_to_gguf.py", env)
-    _convert([sys.executable, str(script), checkpoint, "--outtype", "f32", "--mmproj", "--outfile", str(mmproj)],
-             out / "mmproj", "convert_hf_to_gguf.py --mmproj (no multimodal path without it)", env)
+    convert = [sys.executable, "-m", "edge_duet.bench.gguf_convert", str(src), checkpoint, "--outtype", "f32"]
+    _convert([*convert, "--outfile", str(text)], out / "text", "convert_hf_to_gguf.py")
+    _convert([*convert, "--mmproj", "--outfile", str(mmproj)], out / "mmproj",
+             "convert_hf_to_gguf.py --mmproj: no multimodal path without it")
     return text, mmproj
 
 

@@ -68,8 +68,9 @@ def test_a_peer_that_cannot_run_is_reported_unavailable_with_the_reason(tiny_bun
 
 
 def test_peer_unavailable_without_an_interpreter(tiny_bundle, tmp_path):
-    from edge_duet.bench.harness import Job, PeerUnavailable
+    from edge_duet.bench.harness import Job
     from edge_duet.bench.peers import start_peer
+    from edge_duet.errors import PeerUnavailable
 
     args = {"peer": "llama.cpp", "python": str(tmp_path / "no-venv" / "bin" / "python"), "llama_cpp_src": None,
             "cache": str(tmp_path), "checkpoint": None, "bundle": str(tiny_bundle), "options": {}, "system_prompt": ""}
