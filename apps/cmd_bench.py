@@ -210,8 +210,13 @@ def speedups(summaries: list[dict], jobs: list[dict]) -> dict:
     """Baseline / edge-duet per-turn time at every report turn, for each (edge job, baseline or peer job) pair."""
     pairs = [(e, ej, b, bj) for e, ej in zip(summaries, jobs) for b, bj in zip(summaries, jobs)
              if e and b and ej["kind"] == "edge" and bj["kind"] in ("transformers", "peer")]
-    return {f"{bj['name']} / {ej['name']}": {t: b["at"][t]["total_s"] / e["at"][t]["total_s"]
-                                             for t in e["at"] if t in b["at"]} for e, ej, b, bj in pairs}
+    out = {}
+    for e, ej, b, bj in pairs:
+        ratios = {t: b["at"][t]["total_s"] / e["at"][t]["total_s"] for t in e["at"] if t in b["at"]}
+        if e.get("run_s") and b.get("run_s") and e.get("turns") == b.get("turns"):
+            ratios["run"] = b["run_s"] / e["run_s"]  # the whole run: load + every turn
+        out[f"{bj['name']} / {ej['name']}"] = ratios
+    return out
 
 
 def _edge_jobs(bundles: list[Path], providers: list[str], drops: list, opts) -> list:
@@ -338,6 +343,7 @@ def format_report(report: dict) -> str:
                                                for s in sums]),
              ("visual tokens dropped", [num(s.get("dropped_share") and 100 * s["dropped_share"], "{:.0f} %")
                                         for s in sums]),
+             ("whole run: load + all turns (s)", [num(s.get("run_s")) for s in sums]),
              ("peak memory RSS (GB)", [num(s.get("peak_rss_gb"), "{:.2f}") for s in sums])]
     errors = [(j["name"], r["error"]) for j, r in zip(jobs, report["results"]) if r["error"]]
     missing = [(j["name"], r.get("unavailable")) for j, r in zip(jobs, report["results"]) if r.get("unavailable")]
@@ -346,7 +352,8 @@ def format_report(report: dict) -> str:
     lines = ["".ljust(width) + "".join(n.rjust(c) for n, c in zip(names, cols))]
     lines += [label.ljust(width) + "".join(v.rjust(c) for v, c in zip(vals, cols)) for label, vals in rows]
     for pair, ratios in report["speedups"].items():
-        lines.append(f"{pair}: " + ", ".join(f"turn {t}: {r:.1f}x" for t, r in ratios.items()))
+        lines.append(f"{pair}: " + ", ".join(f"{'turn ' + str(t) if t != 'run' else 'whole run'}: {r:.1f}x"
+                                             for t, r in ratios.items()))
     m = report["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; copy bandwidth "
                  f"{m['bandwidth_gbs']:.1f} GB/s; float32 matmul {m['matmul_gflops']:.0f} GFLOP/s")

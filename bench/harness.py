@@ -173,6 +173,8 @@ def summarize(result: dict, opts: BenchOptions, model: dict, probes: dict, decod
                              "tok_s": r["decode_tokens"] / r["decode_s"] if r["decode_s"] else None}
                             for r in replies if r.get("decode_tokens")],
         "at": at,
+        "run_s": (result["info"].get("load_s") or 0.0) + sum(r["total_s"] for r in recs),  # load + every turn
+        "turns": len(recs),
         "evictions": len(evicts), "evict_s": _median(evicts), "evict_amortized_s": sum(evicts) / len(recs),
         "dropped_share": dropped / (kept + dropped) if kept + dropped else None,
     }
