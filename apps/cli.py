@@ -52,6 +52,7 @@ COMMAND_MODULES = (
     "edge_duet.apps.cmd_eval",  # eval
     "edge_duet.apps.cmd_bench_data",  # make-benchmark
     "edge_duet.apps.cmd_train",  # train-demo
+    "edge_duet.apps.cmd_train_rl",  # train-rl
     "edge_duet.apps.cmd_quant",  # quantize, compare, build-engines
     "edge_duet.apps.cmd_bench",  # bench
 )
