@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         token_drop: Optional[float] = typer.Option(None, help="Drop visual tokens whose cosine similarity to the previous frame's exceeds this."),
         max_context: Optional[int] = typer.Option(None, help="Maximum context in tokens (default: the bundle's)."),
         providers: Optional[str] = typer.Option(None, help="cpu, cuda or tensorrt (comma-separated for a list)."),
+        decoder: str = typer.Option("auto", help="Decoder flavour: auto (fused on the CPU when the bundle has it), "
+                                                 "plain or fused."),
         server: Optional[str] = ro.SERVER,
         served_model: Optional[str] = ro.SERVED_MODEL,
         server_token: Optional[str] = ro.SERVER_TOKEN,
@@ -43,7 +45,8 @@ def register(app: typer.Typer) -> None:
         examples = load_examples(input_json)
         session = ro.open_session(model, remote, SessionOptions(
             system_prompt=system_prompt, max_new_tokens=max_new_tokens, max_context_tokens=max_context,
-            token_drop_threshold=token_drop, providers=tuple(providers.split(",")) if providers else None))
+            token_drop_threshold=token_drop, providers=tuple(providers.split(",")) if providers else None,
+            decoder=decoder))
         replies = 0
         with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for ex in tqdm(examples, desc="infer", unit="example", disable=None):

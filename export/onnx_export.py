@@ -45,6 +45,7 @@ class ExportOptions:
     quantize: str | None = None  # a quant recipe: the bundle written is the quantized one (see quant/quantize.py)
     isolate: bool | None = None  # each graph in a child process (None: when a graph's weights pass ~1.5 GB)
     memory_gb: float | None = None  # memory the export may use (None: what the machine has available now)
+    fused_decoder: bool = True  # also write decoder_fused.onnx (ONNX Runtime's GQA over an in-place KV buffer)
 
 
 @dataclass
@@ -136,7 +137,8 @@ def _export_fp32(info: CheckpointInfo, bundle_dir: Path, options: ExportOptions,
                        options.validate, stream=in_children)
         vision = None
         cases = None
-        steps = GRAPH_NAMES + (("reference",) if in_children and options.validate else ())
+        steps = (GRAPH_NAMES + (("decoder_fused",) if options.fused_decoder else ())
+                 + (("reference",) if in_children and options.validate else ()))
         for part in steps:
             with _stage(report, part, log):
                 if in_children:
@@ -208,6 +210,15 @@ class _PartJob:
                 spec = export_embed(model, out, self.opset, force_dynamo=self.dynamo)
             elif part == "decoder" and self.stream:  # weights read one at a time while they are written
                 spec = export_decoder(model, out, self.opset, force_dynamo=True, weights=parts.read)
+            elif part == "decoder_fused":  # the same weights as the plain decoder, written as fused ops
+                from .fused import export_fused_decoder
+
+                lm = parts.model.model.language_model
+                if not self.stream and lm.embed_tokens.weight.is_meta:
+                    parts.load("embed")  # the head's weight when tied
+                if not self.stream and lm.norm.weight.is_meta:
+                    parts.load("text")
+                spec = export_fused_decoder(model, out, weights=parts.read if self.stream else None)
             elif part == "decoder" or part == "reference":
                 if parts.model.model.language_model.embed_tokens.weight.is_meta:
                     parts.load("embed")  # the head's weight when tied, and the reference's embedding

@@ -46,7 +46,7 @@ from edge_duet.bundle_io import staged_bundle
 from edge_duet.errors import BundleError, UsageError, ValidationError
 from edge_duet.manifest import EXTERNAL_DATA_OVER_BYTES as EXTERNAL_DATA_OVER
 from edge_duet.manifest import GRAPH_NAMES as GRAPHS
-from edge_duet.manifest import MANIFEST_NAME, Manifest, sha256_file
+from edge_duet.manifest import DECODER_FLAVOURS, MANIFEST_NAME, Manifest, sha256_file
 from edge_duet.manifest import SMALL_FILE_BYTES as SMALL_FILE
 
 from .lazy import load_lazy
@@ -440,6 +440,41 @@ def quantize_graph(model, graph: str, precision: str, lm_head: str | None, optio
     return model, result
 
 
+FUSED = DECODER_FLAVOURS["fused"]
+
+
+def _role(graph: str) -> str:
+    """The recipe part a graph takes its precision from (the fused decoder: the decoder's)."""
+    return "decoder" if graph == FUSED else graph
+
+
+def _quantize_fused(manifest, source: Path, tmp: Path, work: Path, recipe, options, report, graphs: dict, log) -> None:
+    """The fused decoder gets the decoder's precision where its ops allow it (weight-only int4/w8 MatMulNBits,
+    dynamic int8); a float16 or Q/DQ decoder leaves it out of the bundle (said in the log), which then runs
+    the plain decoder."""
+    spec = manifest.graphs[FUSED]
+    precision = recipe.graph_precision("decoder")
+    src_bytes = _dir_bytes([source / spec.path, *(source / d for d in spec.external_data)])
+    if _activation_type(precision) == "fp16" or _is_qdq(precision) or recipe.head == "fp16":
+        del graphs[FUSED]
+        log(f"[{FUSED}] left out: decoder={precision} (lm_head={recipe.head}) is for GPU providers, which run the "
+            "plain decoder; this bundle has only the plain flavour")
+        return
+    if precision == "fp32":
+        for rel in (spec.path, *spec.external_data):
+            shutil.copy2(source / rel, tmp / rel)
+        return
+    log(f"[{FUSED}] {precision} ...")
+    model, result = quantize_graph(load_lazy(source / spec.path), "decoder", precision, recipe.lm_head, options,
+                                   work, manifest.text.vocab_size, manifest.text.hidden_size)
+    ext = _save_model(model, tmp / spec.path)
+    result = dataclasses.replace(result, name=FUSED, source_size_bytes=src_bytes,
+                                 size_bytes=_dir_bytes([tmp / spec.path, *(tmp / d for d in ext)]))
+    report.graphs[FUSED] = result
+    graphs[FUSED] = dataclasses.replace(spec, external_data=ext, precision=recipe.precision_label("decoder"),
+                                        quantized_ops=result.quantized_ops)
+
+
 def check_changed(results: dict[str, GraphResult], recipe: Recipe) -> None:
     """One error naming every graph that was asked to change and did not (or only partly, unasked)."""
     problems = []
@@ -450,7 +485,7 @@ def check_changed(results: dict[str, GraphResult], recipe: Recipe) -> None:
             problems.append(f"{name}: asked for {r.precision}, but none of its {r.weight_ops} weight ops changed "
                             "(no eligible MatMul/Gemm/Gather with a constant weight, or the quantizer skipped them)")
             continue
-        expected_left = 1 if name == "decoder" and recipe.lm_head == "fp32" else 0
+        expected_left = 1 if _role(name) == "decoder" and recipe.lm_head == "fp32" else 0
         if len(r.left_fp32) > expected_left:
             problems.append(f"{name}: asked for {r.precision}, but {len(r.left_fp32)} weight ops kept float32 "
                             f"weights: {', '.join(r.left_fp32[:8])}")
@@ -539,13 +574,15 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
             graphs[name] = dataclasses.replace(spec, external_data=ext, precision=recipe.precision_label(name),
                                                quantized_ops=result.quantized_ops)
             log(f"[{name}] {result.quantized_ops}/{result.weight_ops} weight ops changed in {result.seconds:.1f} s")
+        if FUSED in manifest.graphs:
+            _quantize_fused(manifest, source, tmp, work, recipe, options, report, graphs, log)
         check_changed(report.graphs, recipe)
         shutil.rmtree(work)
-        for name in GRAPHS:  # every graph must load before the bundle is published
+        for name in (*GRAPHS, *([FUSED] if FUSED in graphs else [])):  # every graph must load before publishing
             try:
                 ort.InferenceSession(str(tmp / graphs[name].path), providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises untyped errors
-                raise ValidationError(f"the {recipe.graph_precision(name)} {name} graph does not load in ONNX "
+                raise ValidationError(f"the {recipe.graph_precision(_role(name))} {name} graph does not load in ONNX "
                                       f"Runtime {ort.__version__}: {exc}") from exc
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
                  if p.is_file() and p.stat().st_size < SMALL_FILE and p.name != MANIFEST_NAME}

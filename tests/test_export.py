@@ -31,13 +31,15 @@ def test_export_validates_across_shapes(tmp_path, shape):
     ckpt = make_checkpoint(tmp_path / "ckpt", shape, seed=1, init_std=0.1)
     report = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(), log=lambda s: None)
     cases = report.validation.cases
-    assert [c.name for c in cases] == ["one frame", "two frames, two sizes", "turn on a cache + decode"]
+    names = ["one frame", "two frames, two sizes", "turn on a cache + decode"]
+    assert [c.name for c in cases] == names + [f"{n} [fused]" for n in names]  # both decoder flavours validated
     assert max(c.max_logit_diff for c in cases) <= 1e-4
-    assert cases[-1].greedy_agree.startswith("4/4")
+    assert cases[2].greedy_agree.startswith("4/4") and cases[-1].greedy_agree.startswith("4/4")
     m = Manifest.load(tmp_path / "bundle")
     m.check_files(tmp_path / "bundle")
     assert m.export_info["validated"] is True
-    assert set(m.graphs) == {"vision", "embed", "decoder"}
+    assert set(m.graphs) == {"vision", "embed", "decoder", "decoder_fused"}
+    assert m.decoder_flavours == ("plain", "fused")
     assert not list(tmp_path.glob(".bundle.tmp-*"))
 
 

@@ -115,7 +115,7 @@ def test_a_silent_no_op_quantizer_fails_the_bundle_and_leaves_nothing(tiny_bundl
     out = tmp_path / "int4"
     with pytest.raises(ValidationError) as info:
         quantize_bundle(tiny_bundle, out, "int4", QuantOptions(check=False), **QUIET)
-    assert [m.split(":")[0] for m in info.value.mismatches] == ["vision", "embed", "decoder"]
+    assert [m.split(":")[0] for m in info.value.mismatches] == ["vision", "embed", "decoder", "decoder_fused"]
     assert not out.exists() and not list(tmp_path.glob(".int4.tmp-*"))
 
 

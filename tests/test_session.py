@@ -87,8 +87,9 @@ def test_token_drop_keeps_positions_and_drops_static_tokens(tiny_bundle):
     assert [e for e in off.step() if isinstance(e, TurnStats)][0].visual_tokens_dropped == 0
 
 
-def test_eviction_keeps_system_and_question_and_equals_fresh_window(tiny_bundle):
-    s = Session(tiny_bundle, SessionOptions(max_new_tokens=3, max_context_tokens=420))
+@pytest.mark.parametrize("decoder", ["plain", "fused"])
+def test_eviction_keeps_system_and_question_and_equals_fresh_window(tiny_bundle, decoder):
+    s = Session(tiny_bundle, SessionOptions(max_new_tokens=3, max_context_tokens=420, decoder=decoder))
     s.ask("Where is the green box?")
     evicted = []
     for k in range(25):
@@ -204,3 +205,46 @@ def test_infer_errors(tmp_path, tiny_bundle):
     nested.write_text(json.dumps([{"question_id": "x", "conversation": [{"role": "user", "content": []}]}]))
     res = runner.invoke(app, ["infer", str(nested), "-o", str(out), "--model", str(tiny_bundle)])
     assert res.exit_code == InputError.exit_code and "'time'" in res.output
+
+
+def test_decoder_flavours_agree_and_the_fused_cache_is_allocated_once(tiny_bundle):
+    from edge_duet.runtime.engine import FusedKVCache
+
+    fused = Session(tiny_bundle, SessionOptions(max_new_tokens=4, max_context_tokens=512))
+    plain = Session(tiny_bundle, SessionOptions(max_new_tokens=4, max_context_tokens=512, decoder="plain"))
+    assert (fused.engine.flavour, plain.engine.flavour) == ("fused", "plain")  # auto: fused on the CPU
+    assert isinstance(fused.cache, FusedKVCache) and fused.cache.capacity == 512
+    buffers, nbytes = fused.cache.buffers, fused.cache.nbytes
+    for k in range(4):
+        if k == 1:
+            for s in (fused, plain):
+                s.ask("What is it?", must_reply=True)
+        for s in (fused, plain):
+            s.add_frames([scene(2 * k), scene(2 * k + 1)], t=float(k))
+            list(s.step())
+    assert fused.dialogue_ids() == plain.dialogue_ids()
+    assert fused.context_tokens == plain.context_tokens and fused.next_pos == plain.next_pos
+    for (k1, v1), (k2, v2) in zip(fused.cache.host_layers(), plain.cache.host_layers()):
+        np.testing.assert_allclose(k1, k2, atol=1e-4)
+        np.testing.assert_allclose(v1, v2, atol=1e-4)
+    assert fused.cache.buffers is buffers and fused.cache.nbytes == nbytes  # written in place, never regrown
+    fused.reset()
+    assert fused.cache.length == 0 and fused.cache.buffers is buffers
+
+
+def test_a_bundle_without_the_fused_decoder_runs_plain(tiny_bundle, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["decoder_fused"]  # what an export before the fused flavour wrote
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    s = Session(old, SessionOptions(max_new_tokens=2))
+    assert s.engine.flavour == "plain"
+    s.add_frames([scene(0)], t=1.0)
+    assert any(isinstance(e, TurnStats) for e in s.step())
+    with pytest.raises(BundleError, match="no fused decoder.*--decoder plain"):
+        Session(old, SessionOptions(decoder="fused"))
+    with pytest.raises(UsageError, match="unknown decoder flavour"):
+        Session(tiny_bundle, SessionOptions(decoder="fast"))
