@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from mjpeg import MjpegServer
 
 from edge_duet.apps.cli import app
-from edge_duet.apps.runner import Command, Question, Runner, RunOptions, display_available, parse_input
+from edge_duet.apps.runner import Command, Question, Runner, RunOptions, display_available, one_line, parse_input
 from edge_duet.runtime.capture import SourceSpec, as_bgr, open_source
 from edge_duet.runtime.clock import LiveClock, SimulatedClock
 from edge_duet.runtime.events import Reply, Silence, TurnStarted, TurnStats
@@ -463,9 +463,9 @@ def test_e2e_fast_run_on_a_generated_video(tiny_bundle, tmp_path):
     assert decided == {0, 1, 2}
     assert all(e["dropped_frames"] == 0 for e in events if e["event"] == "frames")
     assert "token" not in kinds  # deltas stay out of the file
-    for e in events:
-        if e["event"] == "reply":
-            assert f"assistant: " in r.stdout
+    # the console shows every reply of the file, and nothing else as the assistant's (silences stay quiet)
+    said = [line.split("assistant: ", 1)[1] for line in r.stdout.splitlines() if "] assistant: " in line]
+    assert said == [one_line(e["text"]) for e in events if e["event"] == "reply"]
     # deterministic: the same file gives the same dialogue
     _, again = run_fast(tiny_bundle, video, tmp_path / "b.jsonl", "--ask", "what is moving?")
     strip = lambda evs: [(e["event"], e.get("turn"), e.get("text")) for e in evs if e["event"] in ("turn", "reply", "silence")]
@@ -479,10 +479,13 @@ def test_e2e_must_reply_and_sampling_options(tiny_bundle, tmp_path):
     turns = [e for e in events if e["event"] == "turn"]
     assert [e["t"] for e in turns] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert turns[0]["must_reply"] and turns[0]["question"] == "what colour is it?"
-    assert any(e["event"] in ("reply", "silence") and e["turn"] == 0 for e in events)
+    first = [e for e in events if e["event"] in ("reply", "silence") and e["turn"] == 0]
+    assert [e["event"] for e in first] == ["reply"]  # a must-reply turn is answered in that turn, never silent
     assert "you (answer now): what colour is it?" in r.stdout
+    assert f"assistant: {one_line(first[0]['text'])}" in r.stdout
     assert "I must reply" not in r.stdout  # the prefill is the model's cue, not something to show
-    assert all(len(e["token_ids"]) <= 8 + 8 for e in events if e["event"] == "reply")
+    replies = [e for e in events if e["event"] == "reply"]
+    assert all(0 < len(e["token_ids"]) <= 8 for e in replies)  # --max-new-tokens 8, the prefill not counted
 
 
 

@@ -520,55 +520,6 @@ def test_openapi_describes_exactly_the_api_routes(server):
     assert spec == openapi_spec(ServerOptions(max_question_chars=500))
 
 
-# ------------------------------------------------------------------ property-based fuzzing of every request body
-schemathesis = pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-
-def _images(fmt: str):
-    """Schema-valid frame bodies: real images of any small size and colour (garbage: see the test below)."""
-    sizes = st.tuples(st.integers(1, 64), st.integers(1, 64))
-    colors = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255))
-    return st.builds(lambda s, c: image_bytes(fmt, size=s, color=c), sizes, colors)
-
-
-schemathesis.openapi.media_type("image/jpeg", _images("JPEG"))
-schemathesis.openapi.media_type("image/png", _images("PNG"))
-
-
-FUZZ_OPTIONS = replace(ROOMY, controller_lease_s=0.2)
-# The description the server serves (test_openapi_describes_exactly_the_api_routes checks they are equal).
-fuzz_schema = schemathesis.openapi.from_dict(openapi_spec(FUZZ_OPTIONS)).exclude(path="/api/stream.mjpeg")
-
-
-@pytest.fixture(scope="module")
-def fuzz_target(tiny_bundle):
-    with Assistant(tiny_bundle, AssistantOptions(frame_interval_s=1.0, frames_per_turn=1, max_new_tokens=4)) as a:
-        with running_server(a, FUZZ_OPTIONS) as base:
-            yield a, base
-
-
-@fuzz_schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_fuzz_every_endpoint_against_its_openapi_description(case, fuzz_target):
-    assistant, base = fuzz_target
-    case.call_and_validate(base_url=base)
-    assert assistant.alive
-
-
-@given(body=st.one_of(st.binary(max_size=2048), _images("PNG").map(lambda b: b[: len(b) // 2]),
-                      _images("JPEG").map(lambda b: b[:20] + bytes(reversed(b[20:])))),
-       fmt=st.sampled_from(["image/jpeg", "image/png"]))
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_fuzz_frame_bodies_never_break_the_server(body, fmt, fuzz_target):
-    assistant, base = fuzz_target
-    r = httpx.post(base + "/api/frames", content=body, headers={"Content-Type": fmt}, timeout=10)
-    assert r.status_code in (202, 400, 422), r.text
-    assert set(r.json()) <= {"accepted", "frame", "error", "message"}
-    assert assistant.alive
-
-
 def test_serve_command_end_to_end(tiny_bundle, tmp_path):
     """`edge-duet serve --video FILE --loop` as a user runs it: serves, streams, and stops cleanly on Ctrl-C."""
     import signal
