@@ -102,6 +102,7 @@ class LlamaCppPeer:
         if not mtmd_cpp.mtmd_support_vision(self.ctx):
             raise RuntimeError(f"{cfg['mmproj']} has no vision support")
         self.marker = mtmd_cpp.mtmd_default_marker()
+        self._no_callback = ctypes.cast(None, mtmd_cpp.mtmd_helper_post_decode_callback)  # NULL: none
         self.n_vocab = self.llm.n_vocab()
         self.info = {"peer": "llama.cpp", "version": llama_cpp.__version__, "vision": "mtmd"}
 
@@ -117,6 +118,7 @@ class LlamaCppPeer:
         chunks = m.mtmd_input_chunks_init()
         text = m.mtmd_input_text()
         text.text = self.marker
+        text.text_len = len(self.marker)
         text.add_special = False
         text.parse_special = True
         try:
@@ -135,7 +137,8 @@ class LlamaCppPeer:
                 embd = m.mtmd_get_output_embd(self.ctx)
                 new_n_past = self.lc.llama_pos(0)
                 if m.mtmd_helper_decode_image_chunk(self.ctx, self.llm._ctx.ctx, chunk, embd, self.llm.n_tokens, 0,
-                                                    self.llm.n_batch, ctypes.byref(new_n_past)) != 0:
+                                                    self.llm.n_batch, ctypes.byref(new_n_past), self._no_callback,
+                                                    None) != 0:
                     raise RuntimeError("mtmd_helper_decode_image_chunk failed")
                 n_tokens += m.mtmd_input_chunk_get_n_tokens(chunk)
                 self.llm.n_tokens = new_n_past.value
