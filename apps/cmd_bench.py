@@ -70,6 +70,8 @@ def bench_command(
     reply_tokens: int = typer.Option(32, help="Tokens in each scripted reply."),
     token_drop: float = typer.Option(0.5, help="Cosine threshold of the token-drop runs."),
     drop_runs: bool = typer.Option(True, "--drop-runs/--no-drop-runs", help="Also run each bundle with token drop."),
+    decoder: str = typer.Option("auto", help="Decoder flavours to run, comma-separated: auto (fused on the CPU "
+                                             "when the bundle has it), plain, fused; one job each."),
     max_context: Optional[int] = typer.Option(None, help="Context budget in tokens (default: the bundle's)."),
     threads: Optional[int] = typer.Option(None, help="Threads per job (default: every core)."),
     sequential: bool = typer.Option(False, help="Run the jobs one after another (less memory) instead of a turn "
@@ -130,7 +132,8 @@ def bench_command(
         reply_turns=default_reply_turns(n_turns), reply_tokens=reply_tokens if not quick else 4,
         max_context_tokens=max_context, threads=threads, window=2 if not quick else 1)
     provs = [p.strip() for p in providers.split(",")] if providers else usable_providers()
-    jobs = _edge_jobs([bundle, *variant], provs, [None, token_drop] if drop_runs else [None], opts)
+    decoders = [d.strip() for d in decoder.split(",") if d.strip()] or ["auto"]
+    jobs = _edge_jobs([bundle, *variant], provs, [None, token_drop] if drop_runs else [None], opts, decoders)
     if wanted and not has_torch:
         if baseline is not None:
             raise UsageError('the transformers baseline needs the export extra: pip install "edge-duet[export]"')
@@ -219,19 +222,21 @@ def speedups(summaries: list[dict], jobs: list[dict]) -> dict:
     return out
 
 
-def _edge_jobs(bundles: list[Path], providers: list[str], drops: list, opts) -> list:
-    """One job per bundle x provider x token-drop setting, named "edge VARIANT [PROVIDER] [drop]"."""
-    from edge_duet.manifest import Manifest
+def _edge_jobs(bundles: list[Path], providers: list[str], drops: list, opts, decoders=("auto",)) -> list:
+    """One job per bundle x decoder flavour x provider x token-drop setting, named
+    "edge VARIANT [FLAVOUR] [PROVIDER] [drop]" (a bundle without the flavour asked for fails in its job)."""
     from edge_duet.bench.harness import Job
+    from edge_duet.manifest import Manifest
 
     labels = [Manifest.load(b).variant for b in bundles]
     labels = [lab if labels.count(lab) == 1 or i == 0 else Path(b).name
               for i, (b, lab) in enumerate(zip(bundles, labels))]
-    return [Job(" ".join(x for x in ("edge", lab, prov if len(providers) > 1 else "", "drop" if drop else "") if x),
+    return [Job(" ".join(x for x in ("edge", lab, dec if len(decoders) > 1 else "",
+                                     prov if len(providers) > 1 else "", "drop" if drop else "") if x),
                 "edge",
-                {"bundle": str(b), "options": asdict(opts), "provider": prov, "token_drop": drop},
+                {"bundle": str(b), "options": asdict(opts), "provider": prov, "token_drop": drop, "decoder": dec},
                 str(b), lab, prov, drop)
-            for b, lab in zip(bundles, labels) for prov in providers for drop in drops]
+            for b, lab in zip(bundles, labels) for dec in decoders for prov in providers for drop in drops]
 
 
 def default_reply_turns(turns: int) -> tuple[int, ...]:

@@ -50,18 +50,21 @@ class ScriptedEngine(Engine):
 class EdgeRunner:
     """One edge-duet job: a :class:`Session` over ``bundle`` driven turn by turn in the job's process."""
 
-    def __init__(self, bundle: str, options: dict, provider: str = "cpu", token_drop: float | None = None):
+    def __init__(self, bundle: str, options: dict, provider: str = "cpu", token_drop: float | None = None,
+                 decoder: str = "auto"):
         self.opts = BenchOptions.from_dict(options)
         t0 = time.perf_counter()
-        engine = ScriptedEngine(bundle, providers=provider, threads=self.opts.threads)
+        engine = ScriptedEngine(bundle, providers=provider, threads=self.opts.threads, decoder=decoder)
         self.session = Session(bundle, SessionOptions(
             max_new_tokens=self.opts.reply_tokens, max_context_tokens=self.opts.max_context_tokens,
-            token_drop_threshold=token_drop, providers=provider, threads=self.opts.threads), engine=engine)
+            token_drop_threshold=token_drop, providers=provider, threads=self.opts.threads, decoder=decoder),
+            engine=engine)
         m = self.session.manifest
         engine.script = Script(tuple(self.session.renderer.text_ids(m.prompt.no_reply_text)), m.tokens.im_end,
                                tuple(m.tokens.eos_ids), self.session.tokenizer.get_vocab_size(with_added_tokens=True))
         self.engine = engine
         self.info = {"load_s": time.perf_counter() - t0, "providers": engine.sessions["decoder"].get_providers(),
+                     "decoder": engine.flavour,
                      "max_context_tokens": self.session.max_context_tokens}
 
     def turn(self, n: int) -> dict:

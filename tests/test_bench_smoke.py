@@ -52,19 +52,22 @@ def test_a_peer_that_cannot_run_is_reported_unavailable_with_the_reason(tiny_bun
     edge-duet's column runs, and the command succeeds."""
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--quick", "--baseline", "none", "--no-drop-runs",
-                                      "--peers", "both", "--peer-python", sys.executable, "--json", str(out),
-                                      "--cache-dir", str(tmp_path / "cache")])
+                                      "--decoder", "plain,fused", "--peers", "both", "--peer-python", sys.executable,
+                                      "--json", str(out), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert [j["name"] for j in report["jobs"]] == ["edge fp32", "onnxruntime-genai", "llama.cpp"]
-    edge, ort_genai, llama = report["results"]
-    assert edge["unavailable"] is None and len(edge["records"]) == 6
+    names = ["edge fp32 plain", "edge fp32 fused", "onnxruntime-genai", "llama.cpp"]
+    assert [j["name"] for j in report["jobs"]] == names
+    plain, fused, ort_genai, llama = report["results"]
+    for edge, flavour in ((plain, "plain"), (fused, "fused")):
+        assert edge["unavailable"] is None and len(edge["records"]) == 6 and edge["info"]["decoder"] == flavour
+    assert [r["top"] for r in plain["records"]] == [r["top"] for r in fused["records"]]  # one model, two graphs
     assert ort_genai["unavailable"].startswith("not installed: ") and "onnxruntime_genai" in ort_genai["unavailable"]
     assert llama["unavailable"].startswith("not installed: ") and "llama_cpp" in llama["unavailable"]
     assert ort_genai["records"] == llama["records"] == [] and ort_genai["error"] is None
     assert "onnxruntime-genai: unavailable: not installed: " in result.output
     status = next(line for line in result.output.splitlines() if line.startswith("status"))
-    assert status.split()[1:] == ["ok", "unavailable", "unavailable"]
+    assert status.split()[1:] == ["ok", "ok", "unavailable", "unavailable"]
 
 
 def test_peer_unavailable_without_an_interpreter(tiny_bundle, tmp_path):
