@@ -163,9 +163,9 @@ def _speech_options(speak: bool, tts: str, voice: Optional[str], audio_dir: Opti
     except UsageError as exc:
         if strict:
             raise
-        from edge_duet.apps.common import eprint
+        from edge_duet.apps.common import cli_text, eprint
 
-        eprint(f"note: replies are printed, not spoken ({exc})")
+        eprint(f"note: replies are printed, not spoken ({cli_text(exc)})")
         return None
     return SpeechOptions(engine=engine, voice=voice, audio_dir=audio_dir)
 

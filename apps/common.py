@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -20,6 +21,25 @@ EXTRA_OF_MODULE = {
     "torch": "export", "transformers": "export", "onnxscript": "export", "safetensors": "export", "onnx": "export",
     "onnx_ir": "quant", "starlette": "serve", "uvicorn": "serve", "websockets": "serve", "matplotlib": "plots",
 }
+
+
+# Library errors name an option as the Python API spells it, in backquotes (`max_context_tokens`, a source kind
+# such as `camera`); on the command line the flag that sets it is what helps (edge_duet/errors.py says so).
+FLAG_OF_OPTION = {
+    "max_context_tokens": "--max-context", "providers": "--providers", "threads": "--threads",
+    "decoder": "--decoder", "token_drop_threshold": "--token-drop", "max_pixels": "--max-pixels",
+    "ServerOptions.url": "--server", "ServerOptions.served_model": "--served-model",
+    "ServerOptions.token": "--server-token", "ServerOptions.api": "--server-api",
+    "ServerOptions.read_timeout_s": "--server-timeout", "model": "--model",
+    "SpeechOptions.engine": "--tts", "SpeechOptions.voice": "--voice",
+    "camera": "--camera", "file": "--video", "url": "--url", "gst": "--gst", "demo": "--demo",
+}
+_OPTION = re.compile(r"`([A-Za-z_][\w.]*)`")
+
+
+def cli_text(exc: BaseException | str) -> str:
+    """An error message as the command line shows it: each option the library names becomes its flag."""
+    return _OPTION.sub(lambda m: FLAG_OF_OPTION.get(m.group(1), m.group(0)), str(exc))
 
 
 def missing_extra(exc: ModuleNotFoundError, command: str) -> MissingExtraError | None:
@@ -40,7 +60,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except EdgeDuetError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {cli_text(exc)}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except ModuleNotFoundError as exc:
             known = missing_extra(exc, _command_name(fn))

@@ -244,7 +244,7 @@ class Manifest:
         if not bundle_dir.exists():
             raise BundleError(
                 f"no model bundle at {bundle_dir}: run `edge-duet export CHECKPOINT {bundle_dir}` first, "
-                "or leave --model out to use the bundled demo model."
+                "or leave `model` out to use the bundled demo model."
             )
         path = bundle_dir / MANIFEST_NAME
         if not path.is_file():

@@ -48,8 +48,8 @@ class SourceSpec:
             raise ValueError(f"unknown source kind {self.kind!r}")
         if self.kind == "camera" and not str(self.target).strip().isdigit():
             raise UsageError(
-                f"--camera takes a device index such as 0 (for /dev/video0), got {self.target!r}. "
-                "A video file goes to --video, a stream to --url."
+                f"`camera` takes a device index such as 0 (for /dev/video0), got {self.target!r}. "
+                "A video file is a `file` source, a stream a `url` source."
             )
 
     @property
@@ -103,12 +103,12 @@ def _camera_hints(index: str) -> str:
     devices = sorted(glob.glob("/dev/video*")) if sys.platform.startswith("linux") else []
     found = f"video devices here: {', '.join(devices)}" if devices else "no /dev/video* device exists on this machine"
     return (
-        f"{found}. Try: (1) another index, e.g. --camera 1 (`v4l2-ctl --list-devices` names them); "
+        f"{found}. Try: (1) another index, e.g. `camera` 1 (`v4l2-ctl --list-devices` names them); "
         "(2) check the cable and that no other program holds the camera, and that your user may read it "
         "(`sudo usermod -aG video $USER`, then log in again); (3) a Jetson CSI camera needs GStreamer: "
-        "--gst \"nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720 ! nvvidconv ! "
+        "`gst` \"nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720 ! nvvidconv ! "
         "video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1\"; "
-        "(4) a network camera: --url rtsp://HOST/PATH; (5) no camera at all: --video FILE or --demo."
+        "(4) a network camera: `url` rtsp://HOST/PATH; (5) no camera at all: `file` FILE or the `demo` scene."
     )
 
 
@@ -216,7 +216,7 @@ def open_source(spec: SourceSpec, options: CaptureOptions = CaptureOptions()) ->
         elif spec.kind == "file":
             path = Path(spec.target)
             if not path.is_file():
-                raise SourceError(f"no video file at {path}. Pass an existing file to --video (mp4, mkv, avi, ...).")
+                raise SourceError(f"no video file at {path}. Give `file` an existing video file (mp4, mkv, avi, ...).")
             cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, timeouts)
             what = (f"cannot decode {path}: it is not a video OpenCV's FFmpeg backend can open (a file that is cut off, "
                     f"e.g. a recording stopped before it was finished, a corrupt file, or not a video at all). "
@@ -225,7 +225,7 @@ def open_source(spec: SourceSpec, options: CaptureOptions = CaptureOptions()) ->
         elif spec.kind == "url":
             scheme = spec.target.split("://", 1)[0].lower() if "://" in spec.target else ""
             if scheme not in URL_SCHEMES:
-                raise SourceError(f"--url needs a stream URL ({', '.join(s + '://' for s in URL_SCHEMES)}), got {spec.target!r}.")
+                raise SourceError(f"`url` needs a stream URL ({', '.join(s + '://' for s in URL_SCHEMES)}), got {spec.target!r}.")
             if scheme.startswith("rtsp") and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
                 # RTSP over TCP: no smeared frames from lost UDP packets. Set the variable yourself to choose.
                 os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
@@ -237,10 +237,10 @@ def open_source(spec: SourceSpec, options: CaptureOptions = CaptureOptions()) ->
         else:
             if not opencv_has_gstreamer():
                 raise SourceError(
-                    "--gst needs OpenCV built with GStreamer, and this one is not (the PyPI opencv-python wheels never "
+                    "`gst` needs OpenCV built with GStreamer, and this one is not (the PyPI opencv-python wheels never "
                     "are). On Jetson use JetPack's OpenCV: `sudo apt install python3-opencv`, make the virtualenv with "
                     "--system-site-packages and `pip uninstall opencv-python-headless`. Or serve the camera over RTSP "
-                    "and use --url."
+                    "and use `url`."
                 )
             pipeline = spec.target
             if "appsink" not in pipeline:

@@ -77,7 +77,7 @@ def check_providers(session, requested: list[str], graph: str) -> None:
         raise ProviderError(
             f"{graph}: asked for {requested[0]} but ONNX Runtime started {got[0]} "
             "(usually missing CUDA/cuDNN/TensorRT libraries for this onnxruntime-gpu build; "
-            "run with ORT log level 0 to see why), or pass --providers cpu"
+            "run with ORT log level 0 to see why), or set `providers` to cpu"
         )
 
 
@@ -287,10 +287,10 @@ def pick_decoder(manifest: Manifest, requested: str, provider: str) -> str:
         raise UsageError(f"unknown decoder flavour {requested!r}; choose from auto, {', '.join(DECODER_FLAVOURS)}")
     if requested not in have:
         raise BundleError(f"this bundle has no {requested} decoder (it has: {', '.join(have)}); re-export it with "
-                          "`edge-duet export CHECKPOINT BUNDLE --overwrite` to add one, or use --decoder plain")
+                          "`edge-duet export CHECKPOINT BUNDLE --overwrite` to add one, or set `decoder` to plain")
     if requested == "fused" and provider == PROVIDER_NAMES["tensorrt"]:
         raise ProviderError("the fused decoder uses ONNX Runtime contrib ops, which TensorRT cannot run; "
-                            "use --decoder plain with --providers tensorrt")
+                            "set `decoder` to plain with `providers` tensorrt")
     return requested
 
 

@@ -216,7 +216,7 @@ def session_config(bundle_dir: Path, manifest: Manifest, graph: str, providers: 
                 if reasons:
                     raise BundleError(
                         f"the TensorRT engine for {graph} in {bundle_dir} is stale: {'; '.join(reasons)}. "
-                        f"Rebuild it with `edge-duet build-engines {bundle_dir}` (or run with --providers cuda)."
+                        f"Rebuild it with `edge-duet build-engines {bundle_dir}` (or set `providers` to cuda)."
                     )
                 path = bundle_dir / record["context_model"]
                 opts = {"device_id": options.device_id, "trt_ep_context_embed_mode": 0}

@@ -72,9 +72,9 @@ def load_remote_model(path: str | Path) -> RemoteModel:
     missing = [n for n in ("config.json", "tokenizer.json", "preprocessor_config.json") if not (path / n).is_file()]
     if not path.is_dir() or missing:
         raise BundleError(
-            f"--model {path} is neither an edge-duet bundle nor a checkpoint directory"
+            f"`model` {path} is neither an edge-duet bundle nor a checkpoint directory"
             + (f" (no {', '.join(missing)})" if path.is_dir() else "")
-            + ": with --server, --model names the served model's files on this device: its bundle, or a folder "
+            + ": with a remote server, the model names the served model's files on this device: its bundle, or a folder "
             "with the checkpoint's config.json, tokenizer.json, preprocessor_config.json (weights not needed)"
         )
     from tokenizers import Tokenizer
@@ -132,9 +132,10 @@ class RemoteSession(QuestionInbox):
         from tokenizers import Tokenizer
 
         if options.token_drop_threshold is not None:
-            raise UsageError("--token-drop needs the local runtime: the server computes the visual tokens")
+            raise UsageError("`token_drop_threshold` needs the local runtime: the server computes the visual tokens")
         if options.providers or options.threads:
-            raise UsageError("--providers/--threads choose local ONNX Runtime settings; leave them out with --server")
+            raise UsageError("`providers` and `threads` choose local ONNX Runtime settings; leave them out with a "
+                             "remote server")
         if options.max_new_tokens < 1:
             raise UsageError("max_new_tokens must be at least 1")
         self.model = model if isinstance(model, RemoteModel) else load_remote_model(model)
@@ -233,7 +234,7 @@ class RemoteSession(QuestionInbox):
         if incoming + self.options.max_new_tokens + 64 > self.max_context_tokens:
             raise UsageError(
                 f"one turn needs {incoming} tokens, too many for max_context_tokens={self.max_context_tokens}: "
-                "raise --max-context or lower the frame resolution"
+                "raise `max_context_tokens` or lower the frame resolution"
             )
         if len(frames) > self.max_images // 2:
             raise UsageError(f"{len(frames)} frames in one turn: the server takes {self.max_images} images per "

@@ -50,13 +50,13 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         if self.api not in API_CHOICES:
-            raise UsageError(f"--server-api must be one of {', '.join(API_CHOICES)}, got {self.api!r}")
+            raise UsageError(f"`ServerOptions.api` must be one of {', '.join(API_CHOICES)}, got {self.api!r}")
         if self.image_format not in ("jpeg", "png"):
             raise UsageError(f"image format must be jpeg or png, got {self.image_format!r}")
         if not self.url.startswith(("http://", "https://")):
-            raise UsageError(f"--server must be an http(s) URL such as http://gpu-host:8000/v1, got {self.url!r}")
+            raise UsageError(f"`ServerOptions.url` must be an http(s) URL such as http://gpu-host:8000/v1, got {self.url!r}")
         if not self.served_model:
-            raise UsageError("--served-model is empty: give the name the server serves the model under")
+            raise UsageError("`ServerOptions.served_model` is empty: give the name the server serves the model under")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
             raise UsageError("server timeouts must be positive, retries and backoff non-negative")
 
@@ -93,7 +93,7 @@ class Client:
             data = response.json()["data"]
         except (ValueError, KeyError, TypeError):
             raise ServerRejected(f"{url} did not answer like an OpenAI-compatible server (no model list): "
-                                 "check --server, e.g. http://gpu-host:8000/v1") from None
+                                 "check `ServerOptions.url`, e.g. http://gpu-host:8000/v1") from None
         return [m for m in data if isinstance(m, dict)]
 
     def check_model(self, min_context_tokens: int | None = None) -> dict[str, Any]:
@@ -105,14 +105,14 @@ class Client:
         if entry is None:
             served = ", ".join(repr(m.get("id")) for m in models) or "nothing"
             raise ServerModelMismatch(
-                f"the server at {self.options.api_url} serves {served}, not {name!r}: pass --served-model with one "
-                "of those names, or point --server at the server that runs your model"
+                f"the server at {self.options.api_url} serves {served}, not {name!r}: set `ServerOptions.served_model` "
+                "to one of those names, or point `ServerOptions.url` at the server that runs your model"
             )
         limit = entry.get("max_model_len")
         if min_context_tokens and isinstance(limit, int) and limit < min_context_tokens:
             raise ServerModelMismatch(
                 f"{name!r} at {self.options.api_url} accepts {limit} tokens (max_model_len), fewer than the context "
-                f"budget of {min_context_tokens}: pass --max-context {limit} or restart vLLM with "
+                f"budget of {min_context_tokens}: set `max_context_tokens` {limit} or restart vLLM with "
                 f"--max-model-len {min_context_tokens}"
             )
         return entry
@@ -180,7 +180,7 @@ class Client:
             return response
         raise ServerUnavailable(
             f"cannot reach the server at {url} ({last}; {o.retries + 1} attempts): check that vLLM is running "
-            "and that --server names its address (http://HOST:PORT/v1)"
+            "and that `ServerOptions.url` names its address (http://HOST:PORT/v1)"
         )
 
     def _rejected(self, url: str, response) -> ServerRejected:
@@ -193,18 +193,18 @@ class Client:
         finally:
             response.close()
         if status == 401:
-            hint = "the server wants a bearer token: pass --server-token (or EDGE_DUET_SERVER_TOKEN)"
+            hint = "the server wants a bearer token: set `ServerOptions.token` (or EDGE_DUET_SERVER_TOKEN)"
         elif status in (403, 404) and url.endswith("/inference/v1/generate"):
-            hint = "the token endpoint is off: start vLLM with --enable-scale-out, or use --server-api chat"
+            hint = "the token endpoint is off: start vLLM with --enable-scale-out, or set `ServerOptions.api` chat"
         elif status == 404:
-            hint = "no such endpoint or model: check --server and --served-model"
+            hint = "no such endpoint or model: check `ServerOptions.url` and `ServerOptions.served_model`"
         else:
             hint = "see the server's log"
         return ServerRejected(f"{url} answered HTTP {status}: {detail or 'no detail'} ({hint})", status)
 
     def _timeout_message(self, url: str) -> str:
         return (f"{url} sent nothing for {self.options.read_timeout_s:g} s: the server is overloaded or the model "
-                "too slow for it; raise --server-timeout or serve fewer streams")
+                "too slow for it; raise `ServerOptions.read_timeout_s` or serve fewer streams")
 
 
 def _error_text(data: Any) -> str:

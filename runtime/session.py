@@ -229,7 +229,7 @@ class Session(QuestionInbox):
         if incoming + self.options.max_new_tokens + 64 > self.max_context_tokens:
             raise UsageError(
                 f"one turn needs {incoming} tokens, too many for max_context_tokens={self.max_context_tokens}: "
-                "raise --max-context or lower the frame resolution"
+                "raise `max_context_tokens` or lower the frame resolution"
             )
         if self.context_tokens + incoming + self.options.max_new_tokens > self.max_context_tokens:
             yield from self._evict(incoming)

@@ -55,20 +55,22 @@ def resolve_engine(engine: str, voice: str | None) -> str:
     if engine == "auto":
         engine = "piper" if voice and voice.endswith(".onnx") else "espeak-ng"
     if engine not in ENGINES:
-        raise UsageError(f"--tts must be one of auto, {', '.join(ENGINES)}; got {engine!r}.")
+        raise UsageError(f"`SpeechOptions.engine` must be one of auto, {', '.join(ENGINES)}; got {engine!r}.")
     if engine == "espeak-ng" and shutil.which("espeak-ng") is None:
         raise UsageError(
             "speech needs espeak-ng, which is not installed: `sudo apt install espeak-ng` "
-            "(or give a Piper voice with --voice VOICE.onnx, or turn speech off with --tts none)."
+            "(or give a Piper voice with `SpeechOptions.voice` VOICE.onnx, or turn speech off with "
+            "`SpeechOptions.engine` none)."
         )
     if engine == "piper":
         if _piper_command() is None:
             raise UsageError(
-                "--tts piper needs Piper: `pip install piper-tts` (or use --tts espeak-ng)."
+                "`SpeechOptions.engine` piper needs Piper: `pip install piper-tts` (or use `SpeechOptions.engine` "
+                "espeak-ng)."
             )
         if not voice or not Path(voice).is_file():
             raise UsageError(
-                f"--tts piper needs --voice PATH to a Piper voice file (.onnx with its .onnx.json beside it); "
+                f"`SpeechOptions.engine` piper needs `SpeechOptions.voice` PATH to a Piper voice file (.onnx with its .onnx.json beside it); "
                 f"got {voice!r}. `python -m piper.download_voices en_US-lessac-medium` fetches one."
             )
     return engine

@@ -99,7 +99,7 @@ def test_fast_file_capture_is_deterministic_and_complete(tmp_path):
 
 
 def test_missing_file_says_what_to_pass(tmp_path):
-    with pytest.raises(SourceError, match="no video file at .*--video"):
+    with pytest.raises(SourceError, match="no video file at .*`file`"):
         open_source(SourceSpec("file", str(tmp_path / "nope.mp4")))
 
 
@@ -118,7 +118,7 @@ def test_missing_camera_lists_what_to_try():
     with pytest.raises(SourceError) as info:
         open_source(SourceSpec("camera", str(index)))
     msg = str(info.value)
-    for hint in ("--camera 1", "video", "--gst", "--url", "--video FILE", "--demo"):
+    for hint in ("`camera` 1", "video", "`gst`", "`url`", "`file` FILE", "`demo`"):
         assert hint in msg
 
 

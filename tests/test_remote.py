@@ -210,7 +210,7 @@ def test_slow_server_times_out_then_recovers(served):
     events = play(rs, dialogue[:2])
     relay.delay_s = 2.0  # every chunk of the answer held back longer than the read timeout
     feed(rs, dialogue[2])
-    with pytest.raises(ServerTimeout, match="sent nothing for 0.5 s.*--server-timeout"):
+    with pytest.raises(ServerTimeout, match="sent nothing for 0.5 s.*read_timeout_s"):
         events += list(rs.step())
     relay.delay_s = 0.0
     events += list(rs.step())

@@ -76,7 +76,7 @@ def test_bearer_token_is_sent_and_a_401_names_the_option(canned):
     assert client.check_model(4096)["id"] == "m"
     assert canned.headers_seen[-1]["Authorization"] == "Bearer s3cret"
     canned.reply = lambda h: (401, b'{"error": {"message": "Unauthorized"}}', "application/json")
-    with pytest.raises(ServerRejected, match="HTTP 401: Unauthorized.*--server-token") as info:
+    with pytest.raises(ServerRejected, match="HTTP 401: Unauthorized.*ServerOptions.token") as info:
         Client(options(canned.server_port)).models()
     assert info.value.status == 401
 
@@ -84,7 +84,7 @@ def test_bearer_token_is_sent_and_a_401_names_the_option(canned):
 def test_model_name_and_context_are_checked(canned):
     with pytest.raises(ServerModelMismatch, match="serves 'm', not 'other'"):
         Client(ServerOptions(f"http://127.0.0.1:{canned.server_port}/v1", "other")).check_model()
-    with pytest.raises(ServerModelMismatch, match="accepts 4096 tokens.*--max-context 4096.*--max-model-len 8192"):
+    with pytest.raises(ServerModelMismatch, match="accepts 4096 tokens.*max_context_tokens` 4096.*--max-model-len 8192"):
         Client(options(canned.server_port)).check_model(8192)
 
 
@@ -99,7 +99,7 @@ def test_502_is_retried_and_the_token_endpoint_403_says_how_to_enable_it(canned)
 
     canned.reply = reply
     client = Client(options(canned.server_port, api="tokens", backoff_s=0.01))
-    with pytest.raises(ServerRejected, match="disabled.*--enable-scale-out.*--server-api chat"):
+    with pytest.raises(ServerRejected, match="disabled.*--enable-scale-out.*ServerOptions.api` chat"):
         list(client.stream({"token_ids": [1]}))
     assert calls == ["/inference/v1/generate"] * 2
 
@@ -123,7 +123,7 @@ def test_a_stalled_server_times_out():
     try:
         client = Client(options(listener.getsockname()[1], read_timeout_s=0.3, retries=0))
         t0 = time.monotonic()
-        with pytest.raises(ServerTimeout, match="sent nothing for 0.3 s.*--server-timeout"):
+        with pytest.raises(ServerTimeout, match="sent nothing for 0.3 s.*read_timeout_s"):
             client.models()
         assert time.monotonic() - t0 < 5
     finally:

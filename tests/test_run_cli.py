@@ -26,6 +26,7 @@ from edge_duet.apps.cli import app
 from edge_duet.apps.runner import Command, Question, Runner, RunOptions, display_available, one_line, parse_input
 from edge_duet.runtime.capture import SourceSpec, as_bgr, open_source
 from edge_duet.runtime.clock import LiveClock, SimulatedClock
+from edge_duet.errors import UsageError
 from edge_duet.runtime.events import Reply, Silence, TurnStarted, TurnStats
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -383,6 +384,19 @@ def test_cli_needs_exactly_one_source(tmp_path):
     assert r.exit_code == 2 and "one source" in r.output
     r = invoke(["--demo", "--camera", "0"])
     assert r.exit_code == 2
+
+
+def test_library_errors_name_options_and_the_cli_shows_flags():
+    from edge_duet.apps.common import cli_text
+    from edge_duet.errors import SourceError
+    from edge_duet.runtime.capture import SourceSpec
+
+    with pytest.raises(UsageError) as info:  # the API names its own option, not a flag
+        SourceSpec("camera", "front")
+    assert "--" not in str(info.value) and "`camera` takes a device index" in str(info.value)
+    assert cli_text(info.value).startswith("--camera takes a device index")
+    assert cli_text(SourceError("raise `max_context_tokens`, set `ServerOptions.url`; `ffprobe x` is no option")) == (
+        "raise --max-context, set --server; `ffprobe x` is no option")
 
 
 def test_cli_fast_is_for_files_only():

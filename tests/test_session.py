@@ -114,7 +114,7 @@ def test_eviction_keeps_system_and_question_and_equals_fresh_window(tiny_bundle,
 def test_a_turn_too_big_for_the_context_is_a_clear_error(tiny_bundle):
     s = Session(tiny_bundle, SessionOptions(max_context_tokens=64))
     s.add_frames([scene(0), scene(1)], t=1.0)
-    with pytest.raises(UsageError, match="max-context"):
+    with pytest.raises(UsageError, match="raise `max_context_tokens`"):
         list(s.step())
 
 
@@ -244,7 +244,7 @@ def test_a_bundle_without_the_fused_decoder_runs_plain(tiny_bundle, tmp_path):
     assert s.engine.flavour == "plain"
     s.add_frames([scene(0)], t=1.0)
     assert any(isinstance(e, TurnStats) for e in s.step())
-    with pytest.raises(BundleError, match="no fused decoder.*--decoder plain"):
+    with pytest.raises(BundleError, match="no fused decoder.*`decoder` to plain"):
         Session(old, SessionOptions(decoder="fused"))
     with pytest.raises(UsageError, match="unknown decoder flavour"):
         Session(tiny_bundle, SessionOptions(decoder="fast"))

@@ -54,7 +54,7 @@ def test_resolve_engine_picks_piper_for_voice_files_and_fails_loudly():
     if shutil.which("espeak-ng"):
         assert resolve_engine("auto", None) == "espeak-ng"
         assert resolve_engine("auto", "en-us") == "espeak-ng"
-    with pytest.raises(UsageError, match="--tts"):
+    with pytest.raises(UsageError, match="SpeechOptions.engine"):
         resolve_engine("festival", None)
     with pytest.raises(UsageError, match="piper"):
         resolve_engine("auto", "/nonexistent/voice.onnx")  # a Piper voice was asked for: never a silent fallback
