@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from edge_duet.errors import CheckpointError
+from edge_duet.protocol import NO_REPLY
 
 from edge_duet.export.checkpoint import SHAPES, CheckpointShape, load_model, make_checkpoint, shape_from_name
 
@@ -101,7 +102,7 @@ class DemoLoop:
     """The MMDuet2 demo's turn loop in transformers, made correct (see the module docstring). A bench job:
     ``info`` after loading, ``turn(n) -> record`` per turn (same script and frames as edge-duet's jobs)."""
 
-    def __init__(self, checkpoint: str, options: dict, system_prompt: str, no_reply_text: str = "NO REPLY",
+    def __init__(self, checkpoint: str, options: dict, system_prompt: str, no_reply_text: str = NO_REPLY,
                  rerender: bool = True):
         import torch
 

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
-from .families import DEFAULT_FAMILY, family_of_bundle
+from .families import DEFAULT_FAMILY, FAMILIES, family_of_bundle
 from .protocol import PromptSpec  # noqa: F401  (the manifest's ``prompt``; declared with the protocol's facts)
 
 FORMAT_NAME = "edge-duet-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-# The three graphs of a bundle, in the order a turn runs them (each is ``<name>.onnx``).
-GRAPH_NAMES = ("vision", "embed", "decoder")
+# The three graphs of a bundle, in the order a turn runs them (each is ``<name>.onnx``): the family's declaration.
+GRAPH_NAMES = FAMILIES[DEFAULT_FAMILY].graphs
 # Files below this size get a sha256 in the manifest (``files``); bigger ones are checked by size only.
 SMALL_FILE_BYTES = 64 * 1024**2
 # A graph whose weights pass this is written with external data (``*.onnx.data``) and, on export, by the

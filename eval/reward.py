@@ -39,9 +39,10 @@ from typing import Mapping, Sequence
 from edge_duet.eval.judges import Judge, StrictJudge
 from edge_duet.eval.pauc import MAX_SCORE, in_span, pauc_span
 from edge_duet.eval.textnorm import normalise
+from edge_duet.protocol import MUST_REPLY_PREFIX as _MUST_REPLY_LINE
+from edge_duet.protocol import NO_REPLY
 
-NO_REPLY = "NO REPLY"
-MUST_REPLY_PREFIX = "I must reply."
+MUST_REPLY_PREFIX = _MUST_REPLY_LINE.rstrip()  # a sampled reply may go on on the same line
 REWARD_MAX_SCORE = 4.0  # the paper's judge scale: a 5-point rubric minus one
 REWARD_START_SCORE = 0.5
 

@@ -68,9 +68,11 @@ def digests(bundle: Path) -> dict[str, list[str]]:
     import onnx
     from onnx import numpy_helper
 
+    from edge_duet.manifest import GRAPH_NAMES
+
     return {g: sorted(hashlib.sha256(numpy_helper.to_array(i).tobytes()).hexdigest()
                       for i in onnx.load(str(bundle / f"{g}.onnx")).graph.initializer)
-            for g in ("vision", "embed", "decoder")}
+            for g in GRAPH_NAMES}
 
 
 def main() -> None:

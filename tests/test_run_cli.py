@@ -27,6 +27,7 @@ from edge_duet.apps.runner import Command, Question, Runner, RunOptions, display
 from edge_duet.runtime.capture import SourceSpec, as_bgr, open_source
 from edge_duet.runtime.clock import LiveClock, SimulatedClock
 from edge_duet.errors import UsageError
+from edge_duet.protocol import PromptSpec
 from edge_duet.runtime.events import Reply, Silence, TurnStarted, TurnStats
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -60,11 +61,7 @@ def wait_for(cond, timeout=20.0, every=0.05):
 
 
 class FakeManifest:
-    class prompt:
-        frame_interval_s = 1.0
-        frames_per_turn = 2
-        must_reply_prefix = "I must reply.\n"
-
+    prompt = PromptSpec(frame_interval_s=1.0, frames_per_turn=2)
     name = "fake"
     variant = "fp32"
 
