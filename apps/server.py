@@ -12,6 +12,9 @@ Routes (the OpenAPI description at ``/openapi.json`` is built from the same limi
     GET  /api/status | /api/health | /api/frame.jpg | /api/stream.mjpeg
     WS   /api/events          JSON events (see runtime/events.py), a "hello" with the status first
 
+(Over 500 lines: the routes, the checks every request passes and the app wiring are one API surface, described
+by one OpenAPI document and tested as one; the model side is runtime/assistant.py.)
+
 Threads: every WebSocket client is a bounded subscription of the assistant (it drops its oldest event when the
 client reads slowly); the assistant's worker wakes the client's sender on the event loop with
 ``call_soon_threadsafe``. Nothing on the model's path awaits a client. Every refusal is a 4xx JSON body ``{"error": code, "message": text}``.
