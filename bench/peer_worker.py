@@ -89,6 +89,9 @@ class LlamaCppPeer:
         from llama_cpp import mtmd_cpp
 
         self.lc, self.mtmd = llama_cpp, mtmd_cpp
+        # mtmd and clip log every image at INFO to stderr; the bench's own report says what they would
+        self._quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        mtmd_cpp.mtmd_helper_log_set(self._quiet, None)
         threads = cfg["threads"]
         self.llm = llama_cpp.Llama(model_path=cfg["gguf"], n_ctx=cfg["max_length"], n_batch=2048, n_ubatch=512,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
