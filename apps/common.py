@@ -33,6 +33,12 @@ FLAG_OF_OPTION = {
     "ServerOptions.read_timeout_s": "--server-timeout", "model": "--model",
     "SpeechOptions.engine": "--tts", "SpeechOptions.voice": "--voice",
     "camera": "--camera", "file": "--video", "url": "--url", "gst": "--gst", "demo": "--demo",
+    "overwrite": "--overwrite", "ExportOptions.quantize": "--quantize", "frame_interval_s": "--frame-interval",
+    "frames_per_turn": "--frames-per-turn", "n_examples": "--examples", "turn_interval_s": "--turn-interval",
+    "QuantOptions.block_size": "--block-size", "QuantOptions.accuracy_level": "--accuracy-level",
+    "CompareOptions.probe_turns": "--probe-turns", "CompareOptions.probe_tokens": "--probe-tokens",
+    "EngineOptions.precision": "--precision", "EngineOptions.builder": "--builder",
+    "EngineOptions.profiles": "--profiles",
 }
 _OPTION = re.compile(r"`([A-Za-z_][\w.]*)`")
 

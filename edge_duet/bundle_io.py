@@ -31,7 +31,7 @@ def demo_model() -> Path:
 def prepare_target(out: Path, overwrite: bool) -> Path:
     """Check that ``out`` may be written and return a fresh temporary directory beside it."""
     if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+        raise UsageError(f"{out} already exists; set `overwrite` to replace it")
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,10 @@ def turn_times(ex: GoldExample, pred: Prediction | None, turn_interval_s: float 
     if turn_interval_s is None:
         raise UsageError(
             f"the reply-every-turn baseline needs turn times, and the prediction for {ex.question_id!r} has no user "
-            "entries to take them from: pass --turn-interval SECONDS (frames per turn x frame interval)"
+            "entries to take them from: give `turn_interval_s` SECONDS (frames per turn x frame interval)"
         )
     if not turn_interval_s > 0:
-        raise UsageError(f"--turn-interval must be > 0 seconds, got {turn_interval_s}")
+        raise UsageError(f"`turn_interval_s` must be > 0 seconds, got {turn_interval_s}")
     end = ex.duration_s if ex.duration_s is not None else max((a.reply_timespan_s[1] for a in ex.answers), default=0.0)
     n = int(end / turn_interval_s + 1e-9)
     return tuple(round(k * turn_interval_s, 9) for k in range(1, n + 1))

@@ -509,9 +509,9 @@ def write_benchmark(out_dir: str | Path, seed: int, n_examples: int, clock: Cloc
     from edge_duet.errors import InputError, UsageError
 
     if n_examples < 1:
-        raise UsageError(f"--examples must be at least 1, got {n_examples}")
+        raise UsageError(f"`n_examples` must be at least 1, got {n_examples}")
     if clock.frame_interval_s <= 0 or clock.frames_per_turn < 1:
-        raise UsageError("--frame-interval must be > 0 and --frames-per-turn >= 1")
+        raise UsageError("`frame_interval_s` must be > 0 and `frames_per_turn` >= 1")
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     examples = sample_examples(seed, n_examples, clock)

@@ -271,7 +271,7 @@ def _check_checkpoint_target(out: Path, overwrite: bool) -> None:
             raise UsageError(f"{out} is a folder with other files in it, not a checkpoint: give a new folder name "
                              "(nothing was written)")
         if not overwrite:
-            raise UsageError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
+            raise UsageError(f"{out} already holds a checkpoint; set `overwrite` to replace it")
 
 
 def flat_hub_config(nested: dict[str, Any], dtype: str = "bfloat16") -> dict[str, Any]:

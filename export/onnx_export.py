@@ -346,7 +346,7 @@ def check_memory(info: CheckpointInfo, options: ExportOptions) -> MemoryPlan:
     raise CheckpointError(
         f"exporting {info.path} ({bparams:.2f} B parameters) needs about {need:.1f} GB of memory: its language model "
         f"alone is {lm_gb:.1f} GB in float32, which the ONNX graphs are exported in; this machine has {have:.1f} GB "
-        f"available. Try: {'; or '.join(hint)}. A quantized bundle (--quantize cpu or jetson) is small, but it is "
+        f"available. Try: {'; or '.join(hint)}. A quantized bundle (`ExportOptions.quantize` cpu or jetson) is small, but it is "
         "made from the float32 export, so it needs the same memory to make (see docs/3b.md)"
     )
 
@@ -402,7 +402,7 @@ def build_manifest(model, info: CheckpointInfo, options: ExportOptions) -> Manif
     stock_max_pixels = preprocess.max_pixels
     if max_pixels < preprocess.min_pixels:
         raise CheckpointError(f"a per-frame budget of {max_pixels} pixels is below the checkpoint's minimum "
-                              f"({preprocess.min_pixels}); pass a larger --max-pixels")
+                              f"({preprocess.min_pixels}); pass a larger `max_pixels`")
     preprocess = dataclasses.replace(preprocess, max_pixels=max_pixels)
     return Manifest(
         name=options.name or info.path.name, text=text, vision=vision, preprocess=preprocess, tokens=tokens,

@@ -342,7 +342,7 @@ def compare_bundles(bundle_a: str | Path, bundle_b: str | Path, benchmark: str |
     ma, mb = Manifest.load(a), Manifest.load(b)
     _check_compatible(ma, mb, a, b)
     if options.probe_turns < 1 or options.probe_tokens < 1:
-        raise UsageError("--probe-turns and --probe-tokens must be at least 1")
+        raise UsageError("`CompareOptions.probe_turns` and `CompareOptions.probe_tokens` must be at least 1")
     fpt, interval = ma.prompt.frames_per_turn, ma.prompt.frame_interval_s
     gold = None
     if benchmark is not None:

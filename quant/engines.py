@@ -62,13 +62,14 @@ class EngineOptions:
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16", "int8"):
-            raise UsageError(f"--precision must be fp32, fp16 or int8, got {self.precision!r}")
+            raise UsageError(f"`EngineOptions.precision` must be fp32, fp16 or int8, got {self.precision!r}")
         if self.builder not in ("tensorrt", "ort"):
-            raise UsageError(f"--builder must be tensorrt or ort, got {self.builder!r}")
+            raise UsageError(f"`EngineOptions.builder` must be tensorrt or ort, got {self.builder!r}")
         if self.profiles not in ("single", "split"):
-            raise UsageError(f"--profiles must be single or split, got {self.profiles!r}")
+            raise UsageError(f"`EngineOptions.profiles` must be single or split, got {self.profiles!r}")
         if self.builder == "ort" and self.profiles == "split":
-            raise UsageError("--builder ort builds one profile per engine; use --builder tensorrt for split profiles")
+            raise UsageError("`EngineOptions.builder` ort builds one profile per engine; use `EngineOptions.builder` "
+                             "tensorrt for split profiles")
         unknown = set(self.graphs) - set(GRAPHS)
         if unknown:
             raise UsageError(f"unknown graph(s) {', '.join(sorted(unknown))}; choose from {', '.join(GRAPHS)}")
@@ -105,8 +106,8 @@ def check_plain_ops(bundle_dir: Path, manifest: Manifest, graphs) -> None:
     if problems:
         raise UsageError(
             "TensorRT cannot build these graphs (ONNX Runtime contrib / integer ops): " + "; ".join(problems)
-            + ". Build engines from the fp32 or fp16 bundle (TensorRT applies fp16 itself with --precision fp16), "
-            "or run this bundle with --providers cuda (the CUDA provider runs MatMulNBits)."
+            + ". Build engines from the fp32 or fp16 bundle (TensorRT applies fp16 itself with `EngineOptions.precision` "
+            "fp16), or run this bundle with `providers` cuda (the CUDA provider runs MatMulNBits)."
         )
 
 
@@ -207,7 +208,7 @@ def build_via_ort(onnx_path: Path, ctx_path: Path, profiles: list[Profile], opti
         raise BundleError("this onnxruntime has no TensorRT provider: install onnxruntime-gpu built with TensorRT "
                           "(on Jetson: the Jetson Zoo wheel for your JetPack)")
     if len(profiles) != 1:
-        raise UsageError("--builder ort takes exactly one profile per engine")
+        raise UsageError("`EngineOptions.builder` ort takes exactly one profile per engine")
     trt_opts = {
         "device_id": options.device_id, "trt_fp16_enable": options.precision == "fp16",
         "trt_int8_enable": options.precision == "int8", "trt_max_workspace_size": int(options.workspace_gib * 2**30),

@@ -182,9 +182,9 @@ class QuantOptions:
 
     def validate(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UsageError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+            raise UsageError(f"`QuantOptions.block_size` must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UsageError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+            raise UsageError(f"`QuantOptions.accuracy_level` must be 0-4, got {self.accuracy_level}")
 
 
 # ----------------------------------------------------------------------------------------------- reports

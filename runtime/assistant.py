@@ -157,7 +157,7 @@ class Assistant:
         self._last_turn_s: float | None = None
         self._last_lag_s = self._max_lag_s = 0.0
         self._context_tokens = 0
-        self._max_context_tokens = int(getattr(session, "max_context_tokens", 0) or 0)
+        self._max_context_tokens = int(session.max_context_tokens)
         self._recent: collections.deque = collections.deque(maxlen=max(1, o.reply_history))
         self._t0 = time.monotonic()
         self._worker = threading.Thread(target=self._run, name="edge-duet-assistant", daemon=True)

@@ -85,7 +85,7 @@ def test_existing_bundle_needs_overwrite(tmp_path, tiny_checkpoint):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match="--overwrite"):
+    with pytest.raises(UsageError, match="set `overwrite`"):
         export_bundle(tiny_checkpoint, out, ExportOptions(validate=False), log=lambda s: None)
     assert (out / "keep.txt").read_text() == "mine"
     export_bundle(tiny_checkpoint, out, ExportOptions(validate=False, overwrite=True), log=lambda s: None)

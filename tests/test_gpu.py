@@ -86,7 +86,7 @@ def test_build_engines_refuses_contrib_op_graphs(tiny_bundle, tmp_path):
     quantize_bundle(tiny_bundle, out, "int4", QuantOptions(check=False), **QUIET)
     with pytest.raises(UsageError, match="MatMulNBits") as info:
         eng.build_engines(out, eng.EngineOptions(), **QUIET)
-    assert "--providers cuda" in str(info.value)
+    assert "`providers` cuda" in str(info.value)
     int8 = tmp_path / "int8"
     quantize_bundle(tiny_bundle, int8, "int8", QuantOptions(check=False), **QUIET)
     with pytest.raises(UsageError, match="MatMulInteger"):

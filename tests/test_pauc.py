@@ -264,7 +264,7 @@ def test_every_turn_baseline_repeats_the_latest_model_reply():
     assert turn_times(gold[0], preds[0], 2.0) == (2.0, 4.0, 6.0, 8.0)
     with_turns = pred("q", (4, "x"), turns=(1, 4, 5))
     assert turn_times(gold[0], with_turns, None) == (1, 4, 5)
-    with pytest.raises(UsageError, match="--turn-interval"):
+    with pytest.raises(UsageError, match="`turn_interval_s`"):
         every_turn_predictions(gold, preds, None)
     report = evaluate(gold, every, omega=0.5)
     assert report.overall.duplicate_pct == pytest.approx(100.0)

@@ -74,6 +74,7 @@ class FakeSession:
         self.step_s = step_s
         self.reply_on_question = reply_on_question
         self.manifest = FakeManifest()
+        self.max_context_tokens = 1000
         self.turn = 0
         self.asked: list[tuple[str, bool]] = []
         self.frames_seen: list[tuple[float, int]] = []
@@ -109,7 +110,7 @@ class FakeSession:
             yield Reply(turn, t, f"answer to {q[0]}", (1, 2), self.step_s)
         else:
             yield Silence(turn, t)
-        yield TurnStats(turn, t, 0.0, 0.0, self.step_s, 1, 0, 100 * (turn + 1), 1000, n, 0)
+        yield TurnStats(turn, t, 0.0, 0.0, self.step_s, 1, 0, 100 * (turn + 1), self.max_context_tokens, n, 0)
 
     def finish(self):
         self.finished = True
