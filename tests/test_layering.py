@@ -66,6 +66,8 @@ VIOLATIONS = {
                              "edge_duet.export.graphs -> edge_duet.bench.stream"),
     "public API imports train": ("edge_duet/__init__.py", "from .train import sft", "public-api",
                                  "edge_duet -> edge_duet.train.sft"),
+    "public API imports an app": ("edge_duet/__init__.py", "from .apps import runner", "public-api",
+                                  "edge_duet -> edge_duet.apps.runner"),
 }
 
 
