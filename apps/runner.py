@@ -45,7 +45,7 @@ from edge_duet.runtime.events import Event, Evicted, Reply, Silence, TokenDelta,
 from edge_duet.runtime.subscription import ResetDone, SourceStatus, TurnFrames
 
 COMMANDS = {
-    "reset": "forget the dialogue so far (the model stays loaded)",
+    "reset": "forget the dialogue so far, ending a reply being written (the model stays loaded)",
     "stop": "stop the reply being written now",
     "quit": "finish the current turn and exit",
     "help": "show this list",
