@@ -14,7 +14,8 @@ shows the model would not have continued "NO REPLY" the cache is rolled back to 
 reply is decoded normally (it arrives one turn late, stamped with its own turn and time).
 
 Memory is bounded: when the context would pass ``max_context_tokens``, old turns are evicted and the kept
-window is re-prefilled from position 0 (see ``_evict``). See runtime/DESIGN.md for the whole story.
+window is re-prefilled from position 0 (see ``_evict``), by default mostly ahead of time, a few segments per turn
+in a second context (reanchor.py), so no turn stalls. See runtime/DESIGN.md for the whole story.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from edge_duet.manifest import Manifest
 from .chat import ChatRenderer, ImagePiece, Piece
 from .context import Chunk, Context, assemble, frames_to_chunks  # noqa: F401  (assemble: for tests and tools)
 from .engine import Engine, open_engine
+from .reanchor import Reanchor, predict_plan
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
 from .preprocess import preprocess_frame
 
@@ -55,6 +57,9 @@ class SessionOptions:
     providers: tuple[str, ...] | str | None = None
     threads: int | None = None
     decoder: str = "auto"  # decoder flavour: "auto" (fused on the CPU when the bundle has it), "plain" or "fused"
+    # re-prefill the window the next eviction keeps a few segments per turn, beside the live cache (one more
+    # cache of memory; same output), instead of all in the turn that evicts (see reanchor.py)
+    smooth_eviction: bool = True
 
 
 @dataclass
@@ -155,6 +160,7 @@ class Session(QuestionInbox):
         self._rng = np.random.default_rng(options.seed)
         self._cancel = threading.Event()
         self.context = Context(self.engine, self.max_context_tokens)  # the KV cache, allocated once when fused
+        self._reanchor = Reanchor(self.engine, self.max_context_tokens) if options.smooth_eviction else None
         self.reset()
 
     # ------------------------------------------------------------------ public verbs
@@ -163,6 +169,8 @@ class Session(QuestionInbox):
         the session's default)."""
         self.system_prompt = system_prompt or self.options.system_prompt or self.manifest.prompt.system_prompt
         self.context.reset()
+        if self._reanchor is not None:
+            self._reanchor.reset()
         self.turn = 0
         self.segments: list[Segment] = []
         self._pending = _Pending()
@@ -243,6 +251,29 @@ class Session(QuestionInbox):
         decode_s = time.perf_counter() - td
         yield TurnStats(turn, t, vision_s, prefill_s, decode_s, self.engine.decoder_calls - calls0, incoming,
                         self.context_tokens, self.max_context_tokens, kept, dropped)
+        if self._reanchor is not None and self.context_tokens >= self.max_context_tokens // 2:
+            self._prepare_eviction(2 * incoming + 64)
+
+    def _prepare_eviction(self, budget_tokens: int) -> None:
+        """This turn's share of the next eviction's re-prefill (reanchor.py); after the turn's events, so a
+        reply's latency does not include it."""
+        rest = self.segments[1:]
+        budget = self.max_context_tokens // 2 - self.segments[0].num_tokens
+        plan = predict_plan(rest, self.context_tokens, self.max_context_tokens, self.options.max_new_tokens, budget,
+                            plan_eviction)
+        self._reanchor.advance(self.segments, plan, lambda: [c for seg in self._kept_head(plan) for c in seg.chunks],
+                               budget_tokens)
+
+    def _kept_head(self, plan: tuple[int, int | None]) -> list[Segment]:
+        """What an eviction with ``plan`` keeps before ``rest[start:]``: the system prompt, and the newest dropped
+        question as text (its frames go) with the answer that followed it."""
+        system, dropped = self.segments[0], self.segments[1:][:plan[0]]
+        q_at = plan[1]
+        if q_at is None:
+            return [system]
+        q = dropped[q_at]
+        return [system, Segment(q.turn, "user", self._text_chunks(self.renderer.user([], q.question)), q.question),
+                *dropped[q_at + 1:q_at + 2]]
 
     def finish(self) -> Iterator[Event]:
         """End of stream: confirm a provisional silence (one decoder call) or decode the reply it hid."""
@@ -407,17 +438,22 @@ class Session(QuestionInbox):
         t0 = time.perf_counter()
         before = self.context_tokens
         system, rest = self.segments[0], self.segments[1:]
-        budget = self.max_context_tokens // 2 - system.num_tokens
-        i, q_at = plan_eviction(rest, budget)
-        kept, dropped = list(rest[i:]), rest[:i]
-        if q_at is not None:  # the newest dropped question stays as text (its frames go), with its answer
-            q = dropped[q_at]
-            kept[:0] = [Segment(q.turn, "user", self._text_chunks(self.renderer.user([], q.question)), q.question),
-                        *dropped[q_at + 1:q_at + 2]]
-        self.segments = [system] + kept
+        plan = plan_eviction(rest, self.max_context_tokens // 2 - system.num_tokens)
+        kept = self._kept_head(plan) + list(rest[plan[0]:])
+        shadow = self._reanchor.take(plan) if self._reanchor is not None else None
         # In slices: one call over the whole window would build (window x window) attention scores at once.
-        self.context.reset()
-        self.context.prefill([c for s in self.segments for c in s.chunks], slice_tokens=REPREFILL_CHUNK)
+        if shadow is None:
+            self.context.reset()
+            self.context.prefill([c for s in kept for c in s.chunks], slice_tokens=REPREFILL_CHUNK)
+        else:  # the shadow holds the kept window but its newest segments: swap, feed those
+            ctx, fed = shadow
+            self.context, self._reanchor.ctx = ctx, self.context
+            missing = [c for s in rest[plan[0] + fed:] for c in s.chunks]
+            if missing:
+                self.context.prefill(missing, slice_tokens=REPREFILL_CHUNK)
+        if self._reanchor is not None:
+            self._reanchor.reset()
+        self.segments = kept
         self._pending = _Pending()
         yield Evicted(self.turn - 1, self._t, before - self.context_tokens, self.context_tokens,
                       time.perf_counter() - t0)

@@ -248,3 +248,30 @@ def test_a_bundle_without_the_fused_decoder_runs_plain(tiny_bundle, tmp_path):
         Session(old, SessionOptions(decoder="fused"))
     with pytest.raises(UsageError, match="unknown decoder flavour"):
         Session(tiny_bundle, SessionOptions(decoder="fast"))
+
+
+@pytest.mark.parametrize("decoder", ["plain", "fused"])
+def test_smooth_eviction_equals_eviction_in_one_turn(tiny_bundle, decoder):
+    # the kept window prefilled a few segments per turn beside the live cache, swapped in at the eviction: the
+    # same dialogue, replies and evictions as re-prefilling it all in the evicting turn
+    runs = {}
+    for smooth in (False, True):
+        s = Session(tiny_bundle, SessionOptions(max_new_tokens=3, max_context_tokens=420, decoder=decoder,
+                                                smooth_eviction=smooth))
+        events = []
+        for k in range(40):
+            if k % 9 == 4:
+                s.ask("Where is the green box?", must_reply=k % 2 == 0)
+            s.add_frames([scene(2 * k), scene(2 * k + 1)], t=float(k))
+            events += [(type(e).__name__, e.turn, getattr(e, "token_ids", None)) for e in s.step()
+                       if isinstance(e, (Reply, Silence, Evicted))]
+        events += [(type(e).__name__, e.turn, getattr(e, "token_ids", None)) for e in s.finish()]
+        runs[smooth] = (s, events)
+    (plain_s, plain_ev), (smooth_s, smooth_ev) = runs[False], runs[True]
+    assert smooth_ev == plain_ev and smooth_s.dialogue_ids() == plain_s.dialogue_ids()
+    assert sum(e[0] == "Evicted" for e in smooth_ev) >= 3
+    r = smooth_s._reanchor
+    assert r.swaps >= 2 and r.swaps > r.misses, (r.swaps, r.misses)  # most evictions were served by the shadow
+    for (k1, v1), (k2, v2) in zip(smooth_s.cache.host_layers(), plain_s.cache.host_layers()):
+        np.testing.assert_allclose(k1, k2, atol=1e-4)
+        np.testing.assert_allclose(v1, v2, atol=1e-4)
