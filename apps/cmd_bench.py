@@ -340,8 +340,8 @@ def format_report(report: dict) -> str:
                                                     for s in sums]))
     if turns:
         t = turns[-1]
-        rows.append((f"  turn {t}: render / vision / prefill / decode", [
-            "/".join(ms(s["at"][t].get(k) or 0) for k in ("render_s", "vision_s", "prefill_s", "decode_s"))
+        rows.append((f"  turn {t}: render/vision/prefill/decode/other", [
+            "/".join(ms(s["at"][t].get(k) or 0) for k in ("render_s", "vision_s", "prefill_s", "decode_s", "other_s"))
             if s and t in s["at"] else "-" for s in sums]))
     rows += [("last / first report turn", [num(s.get("flat_ratio", {}).get("ratio"), "{:.2f}x") for s in sums]),
              ("evictions (n, re-prefill ms)", [f"{s.get('evictions', 0)}, {ms(s.get('evict_s'))}" if s else "-"

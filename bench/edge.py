@@ -89,7 +89,10 @@ class EdgeRunner:
                "vision_s": st.vision_s, "prefill_s": st.prefill_s, "decode_s": st.decode_s, "evict_s": evict_s,
                "calls": st.decoder_calls, "prefill_tokens": pending + st.new_tokens, "cache_before": p_before,
                "cache_after": s.cache.length, "kept": st.visual_tokens_kept, "dropped": st.visual_tokens_dropped,
-               "top": self.engine.top}
+               "top": self.engine.top,
+               # the rest of the step: the re-anchoring of the kept window, spread over the turns before an
+               # eviction (no stall when it comes), and the bookkeeping
+               "other_s": max(total - (t1 - t0) - st.vision_s - st.prefill_s - st.decode_s - evict_s, 0.0)}
         if reply:
             rec["ttft_s"] = (t1 - t0) + evict_s + st.vision_s + st.prefill_s
             rec["decode_tokens"] = self.engine.steps - steps

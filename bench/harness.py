@@ -142,7 +142,7 @@ def summarize(result: dict, opts: BenchOptions, model: dict, probes: dict, decod
         win = win or [recs[t - 1]]
         at[t] = {k: _median(r.get(k) for r in win) for k in
                  ("total_s", "render_s", "positions_s", "vision_s", "prefill_s", "decode_s",
-                  "evict_s", "cache_before")}
+                  "evict_s", "other_s", "cache_before")}
         at[t]["turn_s"] = recs[t - 1]["total_s"]
     gflops = [prefill_flops(manifest.text, r["prefill_tokens"], r["cache_before"], model["decoder_params"])
               / r["prefill_s"] / 1e9 for r in quiet if r["prefill_s"]]

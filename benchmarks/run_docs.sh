@@ -19,3 +19,19 @@ edge-duet bench --shape bench --threads 1 --baseline none --no-drop-runs --max-c
 # Decode against the bandwidth limit for every weight format `edge-duet quantize` offers on a CPU.
 edge-duet bench --shape bench --threads 1 --quantize int8 --quantize w8 --quantize int4 --baseline none \
     --no-drop-runs --turns 22 --at 1,10,20 --json "$OUT/cpu2-bench-weightonly.json"
+
+# Issue 15: the peers beside edge-duet in one lockstep run on the same checkpoint and stream (60 turns of two
+# 224x224 frames): the transformers loops, onnxruntime-genai and llama.cpp. The peers live in their own venv, so
+# that onnxruntime-genai's onnxruntime never replaces the project's (see docs/performance.md, "Peers"):
+#   python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install onnxruntime-genai llama-cpp-python
+#   pip download --no-deps --no-binary :all: llama-cpp-python   # its sdist holds vendor/llama.cpp (the converter)
+PEER_PYTHON=${PEER_PYTHON:-/work/peers-venv/bin/python}
+LLAMA_CPP_SRC=${LLAMA_CPP_SRC:-/work/peers-build/llama_cpp_python-0.3.36/vendor/llama.cpp}
+edge-duet bench --shape bench --threads 1 --frame-size 224x224 --turns 60 --at 1,10,50,60 \
+    --quantize int8 --quantize int4 --baseline both --no-drop-runs --peers both \
+    --peer-python "$PEER_PYTHON" --llama-cpp-src "$LLAMA_CPP_SRC" \
+    --json "$OUT/cpu2-bench-peers-1.json" --plot docs/performance-peers.png
+# The same again, to see the run-to-run spread on a shared machine.
+edge-duet bench --shape bench --threads 1 --frame-size 224x224 --turns 60 --at 1,10,50,60 \
+    --quantize int8 --quantize int4 --baseline both --no-drop-runs --peers both \
+    --peer-python "$PEER_PYTHON" --llama-cpp-src "$LLAMA_CPP_SRC" --json "$OUT/cpu2-bench-peers-2.json"

@@ -45,6 +45,7 @@ def main(path: str) -> None:
             f"{100 * s['decode_by_reply'][0]['tok_s'] / s['decode_limit_tok_s']:.0f} %" for s in sums],
         ["evictions (median re-prefill ms)"] + [f"{s['evictions']} ({ms(s['evict_s'])})" for s in sums],
         ["visual tokens dropped"] + [num(s["dropped_share"] and 100 * s["dropped_share"], "{:.0f} %") for s in sums],
+        ["whole run: load + every turn (s)"] + [num(s.get("run_s")) for s in sums],
         ["peak memory RSS (GB)"] + [num(s["peak_rss_gb"], "{:.2f}") for s in sums],
     ]
     print(table(["", *names], rows))
@@ -53,15 +54,17 @@ def main(path: str) -> None:
     rows.append([f"turn {turns[-1]} / turn {turns[1]}"] + [f"{s['flat_ratio']['ratio']:.2f}x" for s in sums])
     print(table(["per-turn latency (ms, median of silent turns T-2..T+2)", *names], rows))
     print()
-    rows = [[pair] + [f"{ratio:.1f}x" for ratio in ratios.values()] for pair, ratios in r["speedups"].items()]
-    print(table(["transformers / edge-duet", *[f"turn {t}" for t in turns]], rows))
+    cols = [str(t) for t in turns] + (["run"] if any("run" in x for x in r["speedups"].values()) else [])
+    rows = [[pair] + [f"{ratios[c]:.1f}x" if c in ratios else "-" for c in cols]
+            for pair, ratios in r["speedups"].items()]
+    print(table(["other / edge-duet, per turn", *[f"turn {c}" if c != "run" else "whole run" for c in cols]], rows))
     print()
     t = str(turns[-1])
-    keys = ("render_s", "positions_s", "vision_s", "prefill_s", "decode_s", "cache_before")
+    keys = ("render_s", "positions_s", "vision_s", "prefill_s", "decode_s", "other_s", "cache_before")
     rows = [[n] + [ms(s["at"][t].get(k)) if k != "cache_before" else num(s["at"][t].get(k), "{:,.0f}")
                    for k in keys] for n, s in zip(names, sums)]
     print(table([f"turn {t} (ms)", "render + process frames", "positions", "vision", "prefill", "decode",
-                 "cache (tokens)"], rows))
+                 "other (re-anchoring)", "cache (tokens)"], rows))
     m = r["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s) per job; copy bandwidth "
           f"{m['bandwidth_gbs']:.1f} GB/s ({', '.join(f'{k} {v:.1f}' for k, v in m.items() if k.startswith('copy'))});"
