@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -109,6 +109,23 @@ def plan_eviction(rest: Sequence, budget: int, max_images: int | None = None) ->
         i -= 2
     q_at = next((j for j in range(i - 1, -1, -1) if rest[j].role == "user" and rest[j].question), None)
     return i, q_at
+
+
+@runtime_checkable
+class SessionLike(Protocol):
+    """The verbs and the few attributes a driver (``Assistant``, the CLI, the server) uses: :class:`Session`,
+    ``RemoteSession`` and the test fakes satisfy it (``isinstance`` checks the names)."""
+
+    manifest: object  # .name, .variant, .prompt
+    max_context_tokens: int
+    turn: int
+
+    def ask(self, text: str, must_reply: bool = False) -> None: ...
+    def add_frames(self, frames: Sequence, t: float, channels: str = "bgr") -> None: ...
+    def step(self) -> Iterator[Event]: ...
+    def finish(self) -> Iterator[Event]: ...
+    def reset(self, system_prompt: str | None = None) -> None: ...
+    def cancel(self) -> None: ...
 
 
 class QuestionInbox:

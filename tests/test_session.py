@@ -275,3 +275,18 @@ def test_smooth_eviction_equals_eviction_in_one_turn(tiny_bundle, decoder):
     for (k1, v1), (k2, v2) in zip(smooth_s.cache.host_layers(), plain_s.cache.host_layers()):
         np.testing.assert_allclose(k1, k2, atol=1e-4)
         np.testing.assert_allclose(v1, v2, atol=1e-4)
+
+
+def test_sessions_satisfy_the_session_protocol(tiny_bundle):
+    from edge_duet.runtime.remote import RemoteSession
+    from edge_duet.runtime.session import SessionLike
+
+    assert isinstance(Session(tiny_bundle), SessionLike)
+    assert all(callable(getattr(RemoteSession, verb, None)) for verb in ("ask", "add_frames", "step", "finish",
+                                                                          "reset", "cancel"))
+
+    class Partial:  # a fake missing verbs is caught
+        def step(self):
+            return iter(())
+
+    assert not isinstance(Partial(), SessionLike)
