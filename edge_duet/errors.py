@@ -116,7 +116,7 @@ class JudgeError(EdgeDuetError):
 class AssistantBusy(EdgeDuetError):
     """Too many commands wait for the model: the app sends questions faster than turns run."""
 
-    exit_code = 10
+    exit_code = 13
 
 
 class AssistantClosed(EdgeDuetError):

@@ -337,3 +337,12 @@ def test_make_checkpoint_never_replaces_what_it_should_not(home):
     assert edge_duet("make-checkpoint", "ckpt", "--overwrite", "--flat-config", cwd=home).returncode == 0
     assert not (home / "ckpt" / "proactive.json").exists()  # replaced, not written over: no stale file left
     assert not [p for p in home.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_every_kind_of_error_has_its_own_exit_code():
+    import edge_duet.errors as errors
+
+    kinds = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.EdgeDuetError)
+             and "exit_code" in vars(c) and c.exit_code != 1]  # 1: the generic failure (base class, child failure)
+    codes = [c.exit_code for c in kinds]
+    assert len(codes) == len(set(codes)), sorted((c.exit_code, c.__name__) for c in kinds)
