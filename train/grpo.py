@@ -171,7 +171,7 @@ def rollout(model, encoder: td.DialogueEncoder, example: bm.Example, feats, grid
         if k:
             emb[mm] = feats[n_vis: n_vis + k]
             n_vis += k
-        h = lm(inputs_embeds=emb, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        h = lm(inputs_embeds=emb, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
         return model.lm_head(h[0, -1])  # (vocab,)
 
     with torch.no_grad():
