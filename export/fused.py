@@ -17,8 +17,8 @@ scalar) the valid length: the runtime moves them, not memory, to roll back or ev
 heads directly (no expansion to the query heads) and never builds scores over the buffer's free tail.
 
 Why by hand and not onnxruntime-genai's model builder: the builder (0.18) does produce a matching Qwen2.5-VL
-text decoder (max |dlogit| 1e-6 against ours on the tiny checkpoint), but it computes logits for every new token
-(no ``logits_index``: at the 3B's 151k vocabulary a 300-token prefill would pay ~90 GFLOP for rows nobody reads),
+text decoder (max |dlogit| 2e-6 against ours), as fast per decode step, but it computes logits for every new token
+(no ``logits_index``: a 128-token prefill measured 1.8-2.3x slower on the bench shape, docs/performance.md),
 reads the checkpoint through its own loader (not the export's one-weight-at-a-time reader that keeps the 3B
 export within 24 GB), and ``pip install onnxruntime-genai`` pulls the ``onnxruntime`` package, which replaces
 ``onnxruntime-gpu`` on GPU machines. Writing the graph takes about 200 lines over weights we already read.
