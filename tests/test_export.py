@@ -182,6 +182,11 @@ def test_cli_make_checkpoint_and_export(tmp_path):
     assert "validation (ONNX Runtime vs PyTorch)" in res.output and "[decoder] done" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "ck"), str(tmp_path / "b")])
     assert res.exit_code == UsageError.exit_code and "--overwrite" in res.output
+    assert Manifest.load(tmp_path / "b").decoder_flavours == ("plain", "fused")
+    res = runner.invoke(app, ["export", str(tmp_path / "ck"), str(tmp_path / "b3"), "--no-fused", "--no-validate"])
+    assert res.exit_code == 0, res.output
+    assert Manifest.load(tmp_path / "b3").decoder_flavours == ("plain",)
+    assert not (tmp_path / "b3" / "decoder_fused.onnx").exists()
     res = runner.invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "b2")])
     assert res.exit_code == CheckpointError.exit_code and "does not exist" in res.output
 
