@@ -290,3 +290,24 @@ def test_sessions_satisfy_the_session_protocol(tiny_bundle):
             return iter(())
 
     assert not isinstance(Partial(), SessionLike)
+
+
+@pytest.mark.parametrize("decoder", ["plain", "fused"])
+def test_context_verbs_move_lengths_and_positions(tiny_bundle, decoder):
+    from edge_duet.runtime.context import Chunk, Context
+    from edge_duet.runtime.engine import Engine
+
+    engine = Engine(tiny_bundle, providers="cpu", graphs=("embed", "decoder"), decoder=decoder)
+    ctx = Context(engine, capacity=16)
+    logits = ctx.prefill([Chunk(ids=(1, 2, 3, 4, 5))], logits_index=[1, 4])
+    assert logits.shape[0] == 2 and (ctx.length, ctx.next_pos) == (5, 5)
+    after5 = ctx.decode(6)
+    ctx.truncate(5, 5)  # roll back the decoded token: the same token gives the same logits again
+    np.testing.assert_allclose(ctx.decode(6), after5, atol=1e-5)
+    with pytest.raises(ValueError):
+        ctx.truncate(7, 7)  # past the valid length
+    with pytest.raises(UsageError, match="holds 16 tokens"):
+        ctx.prefill([Chunk(ids=tuple(range(1, 12)))])
+    assert ctx.length == 6  # a refused call changes nothing
+    ctx.reset()
+    assert (ctx.length, ctx.next_pos) == (0, 0)
