@@ -75,6 +75,10 @@ def run_command(
         None, "--providers", help="cpu, cuda or tensorrt, comma-separated in order of preference (e.g. cuda,cpu; default: the best available).",
         rich_help_panel="Model",
     ),
+    decoder: str = typer.Option(
+        "auto", "--decoder", help="Decoder flavour: auto (fused on the CPU when the bundle has it), plain or fused.",
+        rich_help_panel="Model",
+    ),
     server: Optional[str] = ro.SERVER,
     served_model: Optional[str] = ro.SERVED_MODEL,
     server_token: Optional[str] = ro.SERVER_TOKEN,
@@ -139,7 +143,7 @@ def run_command(
     source, clock = open_capture(spec, realtime)  # fails fast, before the model loads
     try:
         session = _load_session(bundle, max_new_tokens, max_context, token_drop, providers, remote,
-                                system_prompt=system_prompt, max_pixels=max_pixels)
+                                system_prompt=system_prompt, max_pixels=max_pixels, decoder=decoder)
     except BaseException:
         source.release()
         raise
@@ -172,7 +176,7 @@ def _speech_options(speak: bool, tts: str, voice: Optional[str], audio_dir: Opti
 
 def _load_session(bundle: Path, max_new_tokens: int, max_context: Optional[int], token_drop: Optional[float],
                   providers: Optional[str], remote=None, system_prompt: Optional[str] = None,
-                  max_pixels: Optional[int] = None):
+                  max_pixels: Optional[int] = None, decoder: str = "auto"):
     from edge_duet.runtime.session import SessionOptions
 
     options = SessionOptions(
@@ -180,6 +184,7 @@ def _load_session(bundle: Path, max_new_tokens: int, max_context: Optional[int],
         max_context_tokens=max_context,
         token_drop_threshold=token_drop,
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
+        decoder=decoder,
     )
     return ro.open_session(bundle, remote, options)
 
