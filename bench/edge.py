@@ -17,16 +17,20 @@ from .stream import BenchOptions, Script, synthetic_frames
 class ScriptedEngine(Engine):
     """An :class:`Engine` whose decoder logits follow the bench script. Rows are told apart by the logits index
     the session asks for: a row before the last new token verifies a speculated ``NO REPLY`` (confirm it), a
-    one-token call continues a reply, the last row of a prefill is the turn's decision."""
+    one-token call continues a reply, the last row of a prefill is the turn's decision. Only the live
+    context's calls are scripted: the session's re-anchoring prefills a second context through the same engine
+    (``live()`` returns the cache of the context whose logits decide the turn)."""
 
     script: Script | None = None
+    live = None  # () -> the live context's cache; set once the session exists
     reply = False
     steps = 0  # one-token calls: decoded reply tokens
     top = -1  # the model's own choice at the last decision, before the script acted
 
     def decode(self, embeds, positions, cache, logits_index=None):
+        live = self.live is None or cache is self.live()
         logits, cache = super().decode(embeds, positions, cache, logits_index)
-        if self.script is None:
+        if self.script is None or not live:
             return logits, cache
         s = embeds.shape[0]
         index = [s - 1] if logits_index is None else list(logits_index)
@@ -62,6 +66,7 @@ class EdgeRunner:
         m = self.session.manifest
         engine.script = Script(tuple(self.session.renderer.text_ids(m.prompt.no_reply_text)), m.tokens.im_end,
                                tuple(m.tokens.eos_ids), self.session.tokenizer.get_vocab_size(with_added_tokens=True))
+        engine.live = lambda: self.session.context.cache
         self.engine = engine
         self.info = {"load_s": time.perf_counter() - t0, "providers": engine.sessions["decoder"].get_providers(),
                      "decoder": engine.flavour,

@@ -17,8 +17,10 @@ from edge_duet.apps.cli import app
 def test_bench_quick_on_a_bundle(tiny_bundle, tmp_path):
     pytest.importorskip("transformers", reason="the transformers baseline needs the export extra")
     out = tmp_path / "bench.json"
+    # A 640-token budget: the context is half full from turn 4, so the session re-anchors (prefills a second
+    # context through the same engine) in the last turns, without evicting yet.
     result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--quick", "--baseline", "both", "--json", str(out),
-                                      "--cache-dir", str(tmp_path / "cache")])
+                                      "--max-context", "640", "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     names = [j["name"] for j in report["jobs"]]
@@ -32,6 +34,7 @@ def test_bench_quick_on_a_bundle(tiny_bundle, tmp_path):
     assert edge["silent_calls_max"] == 1  # silence is one decoder call...
     assert demo["silent_calls"] == kv["silent_calls"] == 3  # ...generate() one per token of "NO REPLY<|im_end|>"
 
+    assert edge["evictions"] == 0 and report["results"][0]["records"][-1]["cache_after"] > 320
     tops = {r["job"]["name"]: [rec["top"] for rec in r["records"]] for r in report["results"]}
     assert tops["transformers kv"] == tops["edge fp32"]  # the same ids, positions and frames every turn
     # The demo loop re-tokenizes the replies it re-renders, which may change the ids after the first reply.
