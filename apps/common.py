@@ -39,6 +39,9 @@ FLAG_OF_OPTION = {
     "CompareOptions.probe_turns": "--probe-turns", "CompareOptions.probe_tokens": "--probe-tokens",
     "EngineOptions.precision": "--precision", "EngineOptions.builder": "--builder",
     "EngineOptions.profiles": "--profiles",
+    "BenchRequest.turns": "--turns", "BenchRequest.report_turns": "--at", "BenchRequest.baseline": "--baseline",
+    "BenchRequest.checkpoint": "--checkpoint", "BenchRequest.shape": "--shape", "BenchRequest.quantize": "--quantize",
+    "BenchRequest.variants": "--variant",
 }
 _OPTION = re.compile(r"`([A-Za-z_][\w.]*)`")
 
