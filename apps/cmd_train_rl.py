@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
         sft: Path = typer.Option(None, "--sft", help="The SFT checkpoint to start from (e.g. made by train-demo); "
                                                      "copied into OUT_CHECKPOINT. Not needed with --resume."),
         resume: bool = typer.Option(False, "--resume", help="Continue OUT_CHECKPOINT from its last saved step "
-                                                            "(training/rl_state.pt) up to --steps."),
+                                                            "(training/rl_state.pt) up to --steps; every other "
+                                                            "training option comes from the saved run."),
         steps: int = typer.Option(200, "--steps", help="Policy updates (each: --videos x --group rollouts)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the training videos and the sampling."),
         group: int = typer.Option(4, "--group", help="Rollouts per video (GRPO's group; the paper: 4)."),

@@ -127,3 +127,19 @@ def test_missing_sft_checkpoint_and_nothing_to_resume(tmp_path):
     assert res.exit_code == 3 and "nothing to resume" in res.output
     res = runner.invoke(app, ["train-rl", str(tmp_path / "o"), "--resume", "--sft", str(tmp_path)])
     assert res.exit_code == 2 and "drop --sft" in res.output
+
+
+def test_kl_to_the_sft_model_and_greedy_evaluation(tiny, tmp_path):
+    """--kl: the k3 penalty is 0 while the policy is the SFT model and grows once it moves; the held-out greedy
+    evaluation reports the reward terms and the evaluator's strict PAUC."""
+    from edge_duet.train.grpo import RLOptions, train_rl
+
+    result = train_rl(tiny, tmp_path / "kl", RLOptions(steps=2, group_size=2, max_new_tokens=2, lr=1e-2, kl_coef=0.1,
+                                                       eval_dialogues=1, threads=1, progress=False),
+                      log=lambda s: None)
+    first, second = result.history
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert second["kl"] > 1e-4
+    assert [e["step"] for e in result.evals] == [0, 2]
+    for e in result.evals:
+        assert 0.0 <= e["strict_pauc"] <= 100.0 and 0.0 <= e["pauc"] <= 1.0
