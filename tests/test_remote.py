@@ -171,7 +171,7 @@ def test_chat_api_runs_the_protocol(served):
 
 def test_wrong_model_name_is_a_clear_error(served):
     ckpt, _, server = served
-    with pytest.raises(ServerModelMismatch, match=f"serves '{NAME}', not 'mmduet2'.*--served-model"):
+    with pytest.raises(ServerModelMismatch, match=f"serves '{NAME}', not 'mmduet2'.*ServerOptions.served_model"):
         RemoteSession(ckpt, ServerOptions(server.url, "mmduet2"))
 
 
