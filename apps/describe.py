@@ -100,7 +100,7 @@ def _describe_bundle(path: Path, camera_hw) -> dict[str, Any]:
 
 def _describe_checkpoint(path: Path, camera_hw) -> dict[str, Any]:
     from edge_duet.export.checkpoint import inspect_checkpoint
-    from edge_duet.export.onnx_export import available_memory_gb, memory_plan
+    from edge_duet.export.memory import available_memory_gb, memory_plan
     from edge_duet.manifest import TokenSpec
     from edge_duet.errors import CheckpointError
 

@@ -15,6 +15,9 @@ Times. Frames are sampled every ``frame_interval_s`` from t = 0; a turn holds ``
 time is frames seen so far x interval (PROTOCOL.md). An event at time e is *due* in the turn holding the first
 sampled frame that shows it. Its related span is [e, min(e + 4 s, next answer, duration)]; the reply span adds
 1 s, clipped to the duration, as in ProactiveVideoQA. A question asked at a turn has the time of the turn's start.
+
+Why one module of ~550 lines: a split is defined by its seed through the exact order of the random draws made by
+the planner and the dialogue writers together; keeping them in one file keeps that order readable in one place.
 """
 
 from __future__ import annotations

@@ -279,7 +279,8 @@ def test_export_in_child_processes_equals_in_process(tmp_path, tiny_checkpoint, 
     for x, y in zip(out_a, out_b):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
     # its linear layers are MatMuls on stored weights (no Transpose left in front), so the quantizers find them all
-    from edge_duet.quant.quantize import QuantOptions, quantize_bundle, weight_ops
+    from edge_duet.quant.graph_ops import weight_ops
+    from edge_duet.quant.quantize import QuantOptions, quantize_bundle
 
     mb = onnx.load(str(tmp_path / "b" / "decoder.onnx"), load_external_data=False)
     inits = {t.name for t in mb.graph.initializer}
@@ -295,7 +296,7 @@ def test_a_streamed_decoder_holds_one_weight_at_a_time(tmp_path, tiny_checkpoint
     import gc
     import weakref
 
-    import edge_duet.export.onnx_export as ox
+    import edge_duet.export.writers as writers
     from edge_duet.export.checkpoint import PartLoader, inspect_checkpoint
 
     parts = PartLoader(inspect_checkpoint(tiny_checkpoint))
@@ -309,14 +310,14 @@ def test_a_streamed_decoder_holds_one_weight_at_a_time(tmp_path, tiny_checkpoint
         weakref.finalize(arr, lambda n=arr.nbytes: alive.__setitem__(0, alive[0] - n))
         return arr
 
-    real = ox._streamed_export
+    real = writers._streamed_export
 
     def counting(*args):
         *rest, weights = args
         return real(*rest, read)
 
-    monkeypatch.setattr(ox, "_streamed_export", counting)
-    spec = ox.export_decoder(parts.model, tmp_path, 18, force_dynamo=True, weights=parts.read)
+    monkeypatch.setattr(writers, "_streamed_export", counting)
+    spec = writers.export_decoder(parts.model, tmp_path, 18, force_dynamo=True, weights=parts.read)
     gc.collect()
     assert spec.external_data == ("decoder.onnx.data",)
     assert all(p.is_meta for p in parts.model.model.language_model.parameters())  # nothing was loaded
@@ -354,12 +355,12 @@ def test_export_refuses_a_bad_precision_before_any_work(tmp_path, tiny_checkpoin
 def test_a_streamed_decoder_from_a_bf16_checkpoint_is_float32_throughout(tmp_path):
     # MMDuet2 ships bf16 weights; the streamed export traces the weightless model, whose types become the graph's.
     # A bf16 type left in the graph broke ONNX Runtime's int8 quantizer (its shape inference) at 3B.
-    import edge_duet.export.onnx_export as ox
+    import edge_duet.export.writers as writers
     from edge_duet.export.checkpoint import PartLoader, inspect_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "c", "tiny", seed=5, dtype="bfloat16", flat_config=True)
     parts = PartLoader(inspect_checkpoint(ckpt))
-    ox.export_decoder(parts.model, tmp_path, 18, force_dynamo=True, weights=parts.read)
+    writers.export_decoder(parts.model, tmp_path, 18, force_dynamo=True, weights=parts.read)
     model = onnx.load(str(tmp_path / "decoder.onnx"))
     types = {v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
     types |= {t.data_type for t in model.graph.initializer if t.data_type in (1, 10, 16)}
@@ -374,7 +375,7 @@ def test_export_memory_stays_within_a_multiple_of_the_weights(tmp_path):
     # (13.2 GB, docs/3b.md); fixed costs (libraries, tracing) weigh more here: measured 1.6x. Before the per-part
     # export it was 2.65x here and the 3B was killed at 24 GB.
     from edge_duet.export.checkpoint import inspect_checkpoint
-    from edge_duet.export.onnx_export import memory_plan
+    from edge_duet.export.memory import memory_plan
 
     ckpt = make_checkpoint(tmp_path / "c", "perf", seed=0, dtype="bfloat16", flat_config=True)
     plan = memory_plan(inspect_checkpoint(ckpt))
