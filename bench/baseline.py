@@ -272,12 +272,7 @@ class DemoLoop:
         generated: list[int] = []
         self.top = int(np.argmax(logits))  # the model's own choice, before the script acts (parity checks)
         while True:
-            k = len(generated)
-            if not reply:
-                s.force(logits, s.silence[min(k, len(s.silence) - 1)])
-            else:
-                s.ban(logits, first=k == 0)
-            token = int(np.argmax(logits))
+            token = s.pick(logits, len(generated), reply)
             generated.append(token)
             if token in s.eos or len(generated) >= self.opts.reply_tokens:
                 return generated

@@ -189,12 +189,7 @@ class Runner:
         top = int(np.argmax(logits))
         generated: list[int] = []
         while True:
-            k = len(generated)
-            if not reply:
-                s.force(logits, s.silence[min(k, len(s.silence) - 1)])
-            else:
-                s.ban(logits, first=k == 0)
-            token = int(np.argmax(logits))
+            token = s.pick(logits, len(generated), reply)
             generated.append(token)
             if token in s.eos or len(generated) >= self.reply_tokens:
                 break

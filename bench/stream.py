@@ -82,4 +82,11 @@ class Script:
         row[self.text_vocab:] = -np.inf
         row[list(self.eos) + ([self.no_reply[0]] if first else [])] = -np.inf
 
-
+    def pick(self, row: np.ndarray, k: int, reply: bool) -> int:
+        """The ``k``-th generated token of a scripted turn (greedy, ``row`` edited in place): the silence's ``k``-th
+        token, or a reply token."""
+        if reply:
+            self.ban(row, first=k == 0)
+        else:
+            self.force(row, self.silence[min(k, len(self.silence) - 1)])
+        return int(np.argmax(row))
