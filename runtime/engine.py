@@ -155,6 +155,18 @@ class FusedKVCache:
         return [(k.numpy()[:, :, :n].copy(), v.numpy()[:, :, :n].copy()) for k, v in self.buffers]
 
 
+def check_io(sess, spec, path: Path) -> None:
+    """The graph ONNX Runtime loaded must have the inputs and outputs its manifest entry declares (the names the
+    runtime feeds): a graph swapped in from another export, or a hand-edited manifest, fails here and not mid-turn."""
+    declared = ({t.name for t in spec.inputs}, {t.name for t in spec.outputs})
+    actual = ({i.name for i in sess.get_inputs()}, {o.name for o in sess.get_outputs()})
+    wrong = [f"{kind} {sorted(a - d)[:4]} not declared, {sorted(d - a)[:4]} missing"
+             for kind, d, a in zip(("inputs", "outputs"), declared, actual) if d != a]
+    if wrong:
+        raise BundleError(f"{path} does not match its manifest entry ({'; '.join(wrong)}): the graph and manifest.json "
+                          "come from different exports. Re-export the bundle.")
+
+
 class Engine:
     """Runs ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` of one bundle (``graphs``: a subset, for tools
     that must not hold every graph in memory at once, such as export validation at 3B)."""
@@ -188,6 +200,7 @@ class Engine:
                     "exporter; re-export the bundle with `edge-duet export CHECKPOINT BUNDLE --overwrite`."
                 ) from exc
             check_providers(sess, self.providers, name)
+            check_io(sess, self.manifest.graphs[self.graph_key(name)], path)
             self.sessions[name] = sess
         n_layers = self.manifest.text.num_layers
         self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(n_layers)]

@@ -311,3 +311,23 @@ def test_context_verbs_move_lengths_and_positions(tiny_bundle, decoder):
     assert ctx.length == 6  # a refused call changes nothing
     ctx.reset()
     assert (ctx.length, ctx.next_pos) == (0, 0)
+
+
+@pytest.mark.parametrize("decoder", ["plain", "fused"])
+def test_a_graph_that_does_not_match_its_manifest_is_refused_at_load(tiny_bundle, tmp_path, decoder):
+    import json
+    import shutil
+
+    from edge_duet.manifest import DECODER_FLAVOURS
+    from edge_duet.runtime.engine import Engine
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    data = json.loads((bundle / "manifest.json").read_text())
+    graph = data["graphs"][DECODER_FLAVOURS[decoder]]
+    graph["inputs"][0]["name"] = "hidden_in"  # the graph's first input is inputs_embeds
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"does not match its manifest entry \(inputs \['inputs_embeds'\] not "
+                                          r"declared, \['hidden_in'\] missing\)"):
+        Engine(bundle, decoder=decoder)
+    Engine(tiny_bundle, decoder=decoder)  # the untouched bundle loads
