@@ -31,6 +31,7 @@ from edge_duet.manifest import GRAPH_NAMES as GRAPHS
 from edge_duet.manifest import Manifest, sha256_file
 
 from .engine import Engine, KVCache, resolve_providers
+from .kv_slice import kv_slice_model
 
 RECORD_KEY = "tensorrt_engines"  # Manifest.export_info key until the manifest has an ``engines`` field
 CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
@@ -321,10 +322,9 @@ class BoundEngine(Engine):
         if self._slicer is None:
             import onnxruntime as ort
 
-            model = _slice_model(2 * len(cache.layers))
             provs = [(CUDA, {"device_id": self.gpu.device_id}), CPU] if self.device == "cuda" else [CPU]
-            self._slicer = ort.InferenceSession(model.SerializeToString(), sess_options=self._slicer_opts,
-                                                providers=provs)
+            self._slicer = ort.InferenceSession(kv_slice_model(2 * len(cache.layers)),
+                                                sess_options=self._slicer_opts, providers=provs)
         b = self._slicer.io_binding()
         flat = [x for kv in cache.layers for x in kv]
         for i, x in enumerate(flat):
@@ -335,17 +335,3 @@ class BoundEngine(Engine):
         self._slicer.run_with_iobinding(b)
         outs = b.get_outputs()
         return DeviceKVCache([(outs[2 * i], outs[2 * i + 1]) for i in range(len(outs) // 2)], self)
-
-
-def _slice_model(n: int):
-    """``out_i = kv_i[:, :, :length]`` for n tensors of shape (1, heads, T, head_dim)."""
-    from onnx import TensorProto, helper
-
-    zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
-    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
-    nodes = [helper.make_node("Slice", [f"kv{i}", "zero", "length", "axis"], [f"out{i}"]) for i in range(n)]
-    ins = [helper.make_tensor_value_info(f"kv{i}", TensorProto.FLOAT, [1, "h", "t", "d"]) for i in range(n)]
-    ins.append(helper.make_tensor_value_info("length", TensorProto.INT64, [1]))
-    outs = [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, [1, "h", "l", "d"]) for i in range(n)]
-    graph = helper.make_graph(nodes, "kv_slice", ins, outs, initializer=[zero, axis])
-    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])

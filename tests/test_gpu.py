@@ -213,6 +213,40 @@ def test_bound_engine_matches_engine_on_the_host(tiny_bundle):
     np.testing.assert_array_equal(cut.layers[1][0], host.layers[1][0][:, :, :17])
 
 
+
+@pytest.mark.parametrize("n", [1, 2, 72])  # 72: the 3B's 36 layers of keys and values
+def test_kv_slice_bytes_are_what_onnx_helper_writes(n):
+    # The runtime writes the slicer's ONNX bytes itself (no onnx in `pip install edge-duet`); the reference is the
+    # same graph built with onnx.helper, and the bytes must be identical, not merely similar.
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from edge_duet.runtime.kv_slice import IR_VERSION, OPSET, kv_slice_model
+
+    nodes = [helper.make_node("Slice", [f"kv{i}", "zero", "length", "axis"], [f"out{i}"]) for i in range(n)]
+    ins = [helper.make_tensor_value_info(f"kv{i}", TensorProto.FLOAT, [1, "h", "t", "d"]) for i in range(n)]
+    ins.append(helper.make_tensor_value_info("length", TensorProto.INT64, [1]))
+    outs = [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, [1, "h", "l", "d"]) for i in range(n)]
+    inits = [helper.make_tensor(name, TensorProto.INT64, [1], [v]) for name, v in (("zero", 0), ("axis", 2))]
+    graph = helper.make_graph(nodes, "kv_slice", ins, outs, initializer=inits)
+    ref = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)])
+    mine = kv_slice_model(n)
+    onnx.checker.check_model(onnx.load_from_string(mine), full_check=True)
+    assert mine == ref.SerializeToString()
+
+
+def test_kv_slice_runs_in_onnx_runtime():
+    import onnxruntime as ort
+
+    from edge_duet.runtime.kv_slice import kv_slice_model
+
+    sess = ort.InferenceSession(kv_slice_model(3), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    kv = [rng.standard_normal((1, 2, 9, 4)).astype(np.float32) for _ in range(3)]
+    outs = sess.run(None, {**{f"kv{i}": x for i, x in enumerate(kv)}, "length": np.asarray([5], dtype=np.int64)})
+    for x, y in zip(kv, outs):
+        np.testing.assert_array_equal(y, x[:, :, :5])
+
 # ----------------------------------------------------------------------------------------------- on a GPU
 
 
