@@ -33,7 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_duet.manifest import GraphSpec, TensorSpec
+from edge_duet.graph_io import fused_decoder_io, kv_names
+from edge_duet.manifest import GraphSpec
 
 FUSED_NAME = "decoder_fused.onnx"
 ALIGN = 4096  # external-data offsets: ONNX Runtime memory-maps aligned weights
@@ -86,6 +87,7 @@ def export_fused_decoder(model, out: Path, weights: Callable | None = None) -> G
     n_layers, heads, kvh = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
     hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     hidden, vocab = tc.hidden_size, tc.vocab_size
+    past, present = kv_names(n_layers, "past"), kv_names(n_layers, "present")
     eps = float(tc.rms_norm_eps)
     path = out / FUSED_NAME
     w = _Writer(out / (FUSED_NAME + ".data"))
@@ -150,9 +152,8 @@ def export_fused_decoder(model, out: Path, weights: Callable | None = None) -> G
         node("Split", [f"qkv.{i}", "qkv_split"], [f"q.{i}", f"k.{i}", f"v.{i}"], axis=-1)
         q = rotary(f"q.{i}", heads, f"q_rope.{i}")
         k = rotary(f"k.{i}", kvh, f"k_rope.{i}")
-        node("GroupQueryAttention", [q, k, f"v.{i}", f"past.{i}.key", f"past.{i}.value", "seqlens_k",
-                                     "total_sequence_length"],
-             [f"attn.{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+        node("GroupQueryAttention", [q, k, f"v.{i}", *past[2 * i:2 * i + 2], "seqlens_k", "total_sequence_length"],
+             [f"attn.{i}", *present[2 * i:2 * i + 2]], domain="com.microsoft",
              num_heads=heads, kv_num_heads=kvh, scale=float(a.scaling))
         node("MatMul", [f"attn.{i}", w.add(f"layers.{i}.o.weight", linear_t(a.o_proj))], [f"o.{i}"])
         node("SkipSimplifiedLayerNormalization",
@@ -178,17 +179,12 @@ def export_fused_decoder(model, out: Path, weights: Callable | None = None) -> G
     node("MatMul", ["final_rows", w.add("lm_head.weight", read(head).T.astype(np.float32))], ["logits"])
     w.close()
 
-    kv_shape = [1, kvh, "capacity", hd]
-    inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "seq", hidden]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, 1, "seq"]),
-              helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["num_logits"]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "num_logits", vocab])]
-    for i in range(n_layers):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kv}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, kv_shape))
+    # The graph's own I/O is the manifest's spec (edge_duet.graph_io) with the batch fixed at 1
+    io_inputs, io_outputs = fused_decoder_io(hidden, vocab, n_layers, kvh, hd)
+    types = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+    inputs, outputs = ([helper.make_tensor_value_info(t.name, types[t.dtype], [1 if d == "batch" else d
+                                                                              for d in t.shape])
+                        for t in specs] for specs in (io_inputs, io_outputs))
     # Types of the contrib ops' outputs, which ONNX's shape inference cannot derive (quantizers rely on it)
     seq = [1, "seq", hidden]
     typed = [(f"x.{i}", seq) for i in range(n_layers)] + [(f"x2.{i}", seq) for i in range(n_layers)]
@@ -200,15 +196,4 @@ def export_fused_decoder(model, out: Path, weights: Callable | None = None) -> G
     onnx_model = helper.make_model(graph, ir_version=8, producer_name="edge-duet",
                                    opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     onnx.save_model(onnx_model, str(path))  # the weights are already in the .data file: only the structure here
-    kv = ("batch", kvh, "capacity", hd)
-    return GraphSpec(
-        path=path.name, external_data=(w.data_path.name,),
-        inputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", hidden)),
-                TensorSpec("position_ids", "int64", (3, "batch", "seq")),
-                TensorSpec("logits_index", "int64", ("num_logits",)),
-                TensorSpec("seqlens_k", "int32", ("batch",)),
-                TensorSpec("total_sequence_length", "int32", ()),
-                *[TensorSpec(f"past.{i}.{k}", "float32", kv) for i in range(n_layers) for k in ("key", "value")]),
-        outputs=(TensorSpec("logits", "float32", ("batch", "num_logits", vocab)),
-                 *[TensorSpec(f"present.{i}.{k}", "float32", kv) for i in range(n_layers) for k in ("key", "value")]),
-    )
+    return GraphSpec(path=path.name, external_data=(w.data_path.name,), inputs=io_inputs, outputs=io_outputs)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_duet.manifest import EXTERNAL_DATA_OVER_BYTES as BIG_GRAPH, GraphSpec, TensorSpec, VisionSpec
+from edge_duet.graph_io import decoder_io, dynamic_axes, embed_io, kv_names, vision_io
+from edge_duet.manifest import EXTERNAL_DATA_OVER_BYTES as BIG_GRAPH, GraphSpec, VisionSpec
 
 
 # BIG_GRAPH (edge_duet.manifest.EXTERNAL_DATA_OVER_BYTES): graphs whose weights pass it take the memory-frugal exporter
@@ -130,10 +131,6 @@ def _param_bytes(module) -> int:
         b.numel() * b.element_size() for b in module.buffers())
 
 
-def _spec(names_shapes, dtype) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(n, dtype if isinstance(dtype, str) else dtype[n], tuple(s)) for n, s in names_shapes)
-
-
 def export_vision(model, out: Path, opset: int, force_dynamo: bool = False) -> GraphSpec:
     import numpy as np
     import torch
@@ -150,22 +147,13 @@ def export_vision(model, out: Path, opset: int, force_dynamo: bool = False) -> G
     n = sum(t * h * w for t, h, w in grids)
     spec = _vision_spec(model)
     feeds = vision_inputs(np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32), grids, spec)
-    names = ["pixel_values", "rotary_pos_ids", "full_segment_ids", "window_segment_ids", "reverse_index"]
+    inputs, outputs = vision_io(dim, vc.out_hidden_size)
+    names = [t.name for t in inputs]
     path = out / "vision.onnx"
     ext = _torch_export(
-        graph, tuple(torch.from_numpy(feeds[k]) for k in names), path, names, ["image_embeds"],
-        {"pixel_values": {0: "num_patches"}, "rotary_pos_ids": {0: "num_patches"},
-         "full_segment_ids": {0: "num_patches"}, "window_segment_ids": {0: "num_patches"},
-         "reverse_index": {0: "num_tokens"}, "image_embeds": {0: "num_tokens"}}, opset=opset, force_dynamo=force_dynamo)
-    return GraphSpec(
-        path=path.name, external_data=ext,
-        inputs=(TensorSpec("pixel_values", "float32", ("num_patches", dim)),
-                TensorSpec("rotary_pos_ids", "int64", ("num_patches", 2)),
-                TensorSpec("full_segment_ids", "int64", ("num_patches",)),
-                TensorSpec("window_segment_ids", "int64", ("num_patches",)),
-                TensorSpec("reverse_index", "int64", ("num_tokens",))),
-        outputs=(TensorSpec("image_embeds", "float32", ("num_tokens", vc.out_hidden_size)),),
-    )
+        graph, tuple(torch.from_numpy(feeds[k]) for k in names), path, names, [t.name for t in outputs],
+        dynamic_axes(inputs + outputs), opset=opset, force_dynamo=force_dynamo)
+    return GraphSpec(path=path.name, external_data=ext, inputs=inputs, outputs=outputs)
 
 
 def _vision_spec(model) -> VisionSpec:
@@ -184,16 +172,12 @@ def export_embed(model, out: Path, opset: int, force_dynamo: bool = False) -> Gr
 
     emb = model.model.language_model.embed_tokens
     graph = EmbedGraph(emb).eval()
+    inputs, outputs = embed_io(emb.embedding_dim)
     path = out / "embed.onnx"
     ext = _torch_export(
-        graph, (torch.zeros(1, 3, dtype=torch.long),), path, ["input_ids"], ["inputs_embeds"],
-        {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}}, opset=opset,
-        force_dynamo=force_dynamo)
-    return GraphSpec(
-        path=path.name, external_data=ext,
-        inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
-        outputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", emb.embedding_dim)),),
-    )
+        graph, (torch.zeros(1, 3, dtype=torch.long),), path, [t.name for t in inputs], [t.name for t in outputs],
+        dynamic_axes(inputs + outputs), opset=opset, force_dynamo=force_dynamo)
+    return GraphSpec(path=path.name, external_data=ext, inputs=inputs, outputs=outputs)
 
 
 def export_decoder(model, out: Path, opset: int, force_dynamo: bool = False, weights=None) -> GraphSpec:
@@ -204,34 +188,17 @@ def export_decoder(model, out: Path, opset: int, force_dynamo: bool = False, wei
     tc = model.config.text_config
     graph = DecoderGraph(model).eval()
     n_layers, kvh, hd = tc.num_hidden_layers, tc.num_key_value_heads, graph.head_dim
+    inputs, outputs = decoder_io(tc.hidden_size, tc.vocab_size, n_layers, kvh, hd)
     s, p = 5, 3
-    past_names = [f"past.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     args = (
         torch.randn(1, s, tc.hidden_size),
         torch.arange(p, p + s).view(1, 1, s).expand(3, 1, s).contiguous(),
         torch.ones(1, p + s, dtype=torch.long),
         torch.tensor([s - 2, s - 1]),
-        *[torch.randn(1, kvh, p, hd) for _ in past_names],
+        *[torch.randn(1, kvh, p, hd) for _ in kv_names(n_layers, "past")],
     )
-    dyn = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {1: "batch", 2: "seq"},
-           "attention_mask": {0: "batch", 1: "total"}, "logits_index": {0: "num_logits"},
-           "logits": {0: "batch", 1: "num_logits"}}
-    dyn.update({n: {0: "batch", 2: "past"} for n in past_names})
-    dyn.update({n: {0: "batch", 2: "total"} for n in present_names})
     path = out / "decoder.onnx"
     ext = _torch_export(
-        graph, args, path, ["inputs_embeds", "position_ids", "attention_mask", "logits_index", *past_names],
-        ["logits", *present_names], dyn, arg_groups=(4, None), opset=opset, force_dynamo=force_dynamo,
-        weights=weights)
-    kv_shape = ("batch", kvh, "past", hd)
-    return GraphSpec(
-        path=path.name, external_data=ext,
-        inputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", tc.hidden_size)),
-                TensorSpec("position_ids", "int64", (3, "batch", "seq")),
-                TensorSpec("attention_mask", "int64", ("batch", "total")),
-                TensorSpec("logits_index", "int64", ("num_logits",)),
-                *[TensorSpec(n, "float32", kv_shape) for n in past_names]),
-        outputs=(TensorSpec("logits", "float32", ("batch", "num_logits", tc.vocab_size)),
-                 *[TensorSpec(n, "float32", ("batch", kvh, "total", hd)) for n in present_names]),
-    )
+        graph, args, path, [t.name for t in inputs], [t.name for t in outputs], dynamic_axes(inputs + outputs),
+        arg_groups=(4, None), opset=opset, force_dynamo=force_dynamo, weights=weights)
+    return GraphSpec(path=path.name, external_data=ext, inputs=inputs, outputs=outputs)

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_duet.errors import BundleError, ProviderError, UsageError
+from edge_duet.graph_io import kv_names
 from edge_duet.manifest import DECODER_FLAVOURS, GRAPH_NAMES, Manifest
 
 from .vision_index import Grid, vision_inputs
@@ -203,8 +204,9 @@ class Engine:
             check_io(sess, self.manifest.graphs[self.graph_key(name)], path)
             self.sessions[name] = sess
         n_layers = self.manifest.text.num_layers
-        self._past_names = [(f"past.{i}.key", f"past.{i}.value") for i in range(n_layers)]
-        self._present_names = [n for i in range(n_layers) for n in (f"present.{i}.key", f"present.{i}.value")]
+        past = kv_names(n_layers, "past")
+        self._past_names = list(zip(past[0::2], past[1::2]))  # per layer (key, value)
+        self._present_names = kv_names(n_layers, "present")
         self.decoder_calls = 0
 
     device = "cpu"  # where the fused decoder's KV buffers live (the GPU engine overrides it)
@@ -282,9 +284,8 @@ class Engine:
         for (kname, vname), (k, v) in zip(self._past_names, cache.buffers):
             b.bind_ortvalue_input(kname, k)
             b.bind_ortvalue_input(vname, v)
-        for i, (k, v) in enumerate(cache.buffers):
-            b.bind_ortvalue_output(f"present.{i}.key", k)
-            b.bind_ortvalue_output(f"present.{i}.value", v)
+        for name, buf in zip(self._present_names, (x for kv in cache.buffers for x in kv)):
+            b.bind_ortvalue_output(name, buf)
         self.sessions["decoder"].run_with_iobinding(b)
         self.decoder_calls += 1
         return b.get_outputs()[0].numpy()[0], cache.grown(s)

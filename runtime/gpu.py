@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_duet.errors import BundleError
+from edge_duet.graph_io import concrete_shapes
 from edge_duet.manifest import GRAPH_NAMES as GRAPHS
 from edge_duet.manifest import Manifest, sha256_file
 
@@ -143,10 +144,12 @@ def profiles_for(manifest: Manifest, graph: str, max_context_tokens: int | None 
     """TensorRT optimisation profiles (min/opt/max shape per input) for one graph, from the bundle's model dims
     and prompt defaults. The decoder gets one profile spanning decode (1 token) and prefill (up to the context
     budget: a re-prefill after eviction is one call); ``split`` adds a decode-only second profile."""
-    t, v, pre, prompt = manifest.text, manifest.vision, manifest.preprocess, manifest.prompt
+    v, pre, prompt = manifest.vision, manifest.preprocess, manifest.prompt
     ctx = max_context_tokens or prompt.max_context_tokens
+    if graph not in GRAPHS:
+        raise BundleError(f"unknown graph {graph!r}")
+    inputs = manifest.graphs[graph].inputs  # the names and shapes the graph declares (edge_duet.graph_io)
     if graph == "vision":
-        per_patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
         unit = v.merge_size**2
         lo = max(unit, (pre.min_pixels // pre.patch_size**2) // unit * unit)
         frames = max_frames_per_call or prompt.frames_per_turn
@@ -154,21 +157,17 @@ def profiles_for(manifest: Manifest, graph: str, max_context_tokens: int | None 
         opt = min(hi, max(lo, frames * 256))  # 224x224 frames: 16x16 patches each
 
         def shapes(n):
-            return {"pixel_values": (n, per_patch), "rotary_pos_ids": (n, 2), "full_segment_ids": (n,),
-                    "window_segment_ids": (n,), "reverse_index": (n // unit,)}
+            return concrete_shapes(inputs, {"num_patches": n, "num_tokens": n // unit})
 
         return [Profile("frames", shapes(lo), shapes(opt), shapes(hi))]
     if graph == "embed":
-        return [Profile("tokens", {"input_ids": (1, 1)}, {"input_ids": (1, min(32, ctx))}, {"input_ids": (1, ctx)})]
-    if graph != "decoder":
-        raise BundleError(f"unknown graph {graph!r}")
-    kv = [f"past.{i}.{kind}" for i in range(t.num_layers) for kind in ("key", "value")]
+        def tokens(n):
+            return concrete_shapes(inputs, {"batch": 1, "seq": n})
+
+        return [Profile("tokens", tokens(1), tokens(min(32, ctx)), tokens(ctx))]
 
     def dec(seq, past, total, n):
-        d = {"inputs_embeds": (1, seq, t.hidden_size), "position_ids": (3, 1, seq), "attention_mask": (1, total),
-             "logits_index": (n,)}
-        d.update({name: (1, t.num_kv_heads, past, t.head_dim) for name in kv})
-        return d
+        return concrete_shapes(inputs, {"batch": 1, "seq": seq, "past": past, "total": total, "num_logits": n})
 
     # Each input's box is checked on its own; the runtime keeps past + seq <= ctx (Session evicts before that).
     opt_seq = min(opt_prefill_tokens, ctx)
