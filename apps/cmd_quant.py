@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from edge_duet.quant.quantize import PRECISIONS, PRESETS
+from edge_duet.quant.recipes import PRECISIONS, PRESETS
 
 from .common import eprint, handle_errors
 from .outputs import atomic_path, check_file
@@ -69,7 +69,8 @@ def compare_command(
 ):
     """Accuracy and cost of bundle B against bundle A: logits, greedy tokens, reply/silence decisions per
     turn, PAUC on a benchmark, size, memory and per-turn latency."""
-    from edge_duet.quant.compare import CompareOptions, compare_bundles, format_table, plot_report
+    from edge_duet.quant.compare import CompareOptions, compare_bundles
+    from edge_duet.quant.compare_table import format_table, plot_report
 
     if plot is not None:
         from edge_duet.errors import require

@@ -97,7 +97,8 @@ def export_bundle(checkpoint_dir: str | Path, bundle_dir: str | Path, options: E
     check_memory(info, options.validate, options.memory_gb)
     if not options.quantize:
         return _export_fp32(info, bundle_dir, options, log)
-    from edge_duet.quant.quantize import QuantOptions, Recipe, quantize_bundle
+    from edge_duet.quant.quantize import QuantOptions, quantize_bundle
+    from edge_duet.quant.recipes import Recipe
 
     recipe = Recipe.parse(options.quantize)  # a bad recipe fails before any work
     probe = prepare_target(bundle_dir, options.overwrite)  # the same checks quantize makes, before the long part

@@ -16,8 +16,10 @@ from edge_duet.manifest import Manifest
 pytest.importorskip("onnx", reason="quantizing needs the quant extra: pip install -e .[quant]")
 
 from edge_duet.quant import quantize as q  # noqa: E402
-from edge_duet.quant.compare import CompareOptions, compare_bundles, format_table, generated_dialogues  # noqa: E402
-from edge_duet.quant.quantize import QuantOptions, Recipe, quantize_bundle  # noqa: E402
+from edge_duet.quant.compare import CompareOptions, compare_bundles, generated_dialogues  # noqa: E402
+from edge_duet.quant.compare_table import format_table  # noqa: E402
+from edge_duet.quant.quantize import QuantOptions, quantize_bundle  # noqa: E402
+from edge_duet.quant.recipes import PRESETS, Recipe  # noqa: E402
 from edge_duet.runtime.events import Reply, Silence  # noqa: E402
 from edge_duet.runtime.session import Session, SessionOptions  # noqa: E402
 
@@ -33,7 +35,7 @@ def test_presets_and_per_graph_recipes_parse():
     r = Recipe.parse("vision=fp16, embed=int8, decoder=int4-fp16, lm_head=w8")
     assert (r.vision, r.embed, r.decoder, r.head) == ("fp16", "int8", "int4-fp16", "w8")
     assert r.precision_label("decoder") == "int4-fp16;lm_head=w8"
-    assert str(Recipe.parse(q.PRESETS["jetson"])) == "jetson"  # presets print by name
+    assert str(Recipe.parse(PRESETS["jetson"])) == "jetson"  # presets print by name
     assert str(Recipe.parse("decoder=int4,lm_head=fp32")) == "vision=fp32,embed=fp32,decoder=int4,lm_head=fp32"
 
 
