@@ -44,7 +44,7 @@ def format_report(report: dict) -> str:
             ("  limit tokens/s (bandwidth/bytes)", [num(s.get("decode_limit_tok_s")) for s in sums]),
             ("  share of the limit", [num(s.get("decode_fraction_of_limit") and 100 * s["decode_fraction_of_limit"],
                                           "{:.0f} %") for s in sums])]
-    turns = sorted({t for s in sums if s for t in s["at"]})
+    turns = sorted({t for s in sums if s for t in s["at"]}, key=int)  # ints in a run, strings from its JSON
     for t in turns:
         rows.append((f"per turn at turn {t} (ms)", [ms(s["at"][t]["total_s"]) if s and t in s["at"] else "-"
                                                     for s in sums]))
@@ -63,7 +63,8 @@ def format_report(report: dict) -> str:
     errors = [(j["name"], r["error"]) for j, r in zip(jobs, report["results"]) if r["error"]]
     missing = [(j["name"], r.get("unavailable")) for j, r in zip(jobs, report["results"]) if r.get("unavailable")]
     width = max(len(r[0]) for r in rows) + 2
-    cols = [max(len(n), 10) + 2 for n in names]
+    # each column as wide as its name or its widest cell, plus two spaces: cells never run into each other
+    cols = [max(len(n), 10, *(len(vals[i]) for _, vals in rows)) + 2 for i, n in enumerate(names)]
     lines = ["".ljust(width) + "".join(n.rjust(c) for n, c in zip(names, cols))]
     lines += [label.ljust(width) + "".join(v.rjust(c) for v, c in zip(vals, cols)) for label, vals in rows]
     for pair, ratios in report["speedups"].items():

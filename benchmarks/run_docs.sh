@@ -37,3 +37,9 @@ for run in 2 3; do
         --quantize int8 --quantize int4 --baseline both --no-drop-runs --peers both \
         --peer-python "$PEER_PYTHON" --llama-cpp-src "$LLAMA_CPP_SRC" --json "$OUT/cpu2-bench-peers-$run.json"
 done
+
+# The same stream to turn 200 with the jobs the issue asks about (edge-duet fp32 and int8, transformers with KV
+# reuse, the two peers): docs/performance.md, "200 turns with the peers".
+edge-duet bench --shape bench --threads 1 --frame-size 224x224 --turns 200 --at 1,10,50,200 --quantize int8 \
+    --baseline kv --no-drop-runs --peers both --peer-python "$PEER_PYTHON" --llama-cpp-src "$LLAMA_CPP_SRC" \
+    --json "$OUT/cpu2-bench-peers-200.json" --plot docs/performance-peers-200.png

@@ -99,3 +99,24 @@ def test_isolate_worker_holds_state_reraises_and_reports_its_peak():
     with pytest.raises(ValueError, match="99 is not in list"):
         w.call("index", 99)
     w.kill()
+
+
+def test_the_table_of_a_saved_report_keeps_its_columns_apart_and_its_turns_in_order():
+    # A report read back from its JSON (turn keys become strings) with cells wider than the job names: the
+    # 200-turn peers run of docs/performance.md, where the breakdown cells once ran into each other.
+    import re
+    from pathlib import Path
+
+    from edge_duet.bench.report import format_report
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu2-bench-peers-200.json"
+    report = json.loads(path.read_text())
+    lines = format_report(report).splitlines()
+    n_jobs = len(report["jobs"])
+    table = [ln for ln in lines[1:] if not ln.startswith(("machine:", "note:")) and " / edge " not in ln]
+    for line in table:
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == n_jobs + 1, line
+    turns = [int(m.group(1)) for ln in lines if (m := re.match(r"per turn at turn (\d+) ", ln))]
+    assert turns == [1, 10, 50, 200]
+    assert any(ln.startswith("  turn 200: render/vision/prefill/decode/other") for ln in lines)
