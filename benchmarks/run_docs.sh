@@ -31,8 +31,8 @@ edge-duet bench --shape bench --threads 1 --frame-size 224x224 --turns 60 --at 1
     --quantize int8 --quantize int4 --baseline both --no-drop-runs --peers both \
     --peer-python "$PEER_PYTHON" --llama-cpp-src "$LLAMA_CPP_SRC" \
     --json "$OUT/cpu2-bench-peers-1.json" --plot docs/performance-peers.png
-# The same again, twice, to see the run-to-run spread on a shared machine.
-for run in 2 3; do
+# The same again, twice, to see the run-to-run spread on a shared machine (and run 4: a later session, another CPU).
+for run in 2 3 4; do
     edge-duet bench --shape bench --threads 1 --frame-size 224x224 --turns 60 --at 1,10,50,60 \
         --quantize int8 --quantize int4 --baseline both --no-drop-runs --peers both \
         --peer-python "$PEER_PYTHON" --llama-cpp-src "$LLAMA_CPP_SRC" --json "$OUT/cpu2-bench-peers-$run.json"
