@@ -41,7 +41,7 @@ FLAG_OF_OPTION = {
     "EngineOptions.profiles": "--profiles",
     "BenchRequest.turns": "--turns", "BenchRequest.report_turns": "--at", "BenchRequest.baseline": "--baseline",
     "BenchRequest.checkpoint": "--checkpoint", "BenchRequest.shape": "--shape", "BenchRequest.quantize": "--quantize",
-    "BenchRequest.variants": "--variant",
+    "BenchRequest.variants": "--variant", "BenchRequest.peers": "--peers",
 }
 _OPTION = re.compile(r"`([A-Za-z_][\w.]*)`")
 

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from edge_duet.errors import UsageError
 
 from .harness import Job, run_bench
+from .peers import PEERS
 from .report import speedups
 from .stream import BenchOptions
 
@@ -60,6 +61,9 @@ def run(req: BenchRequest, log: Callable[[str], None] = print) -> dict:
     wanted = {"demo": ["demo"], "kv": ["kv"], "both": ["demo", "kv"], "none": [], None: ["demo"]}.get(baseline)
     if wanted is None:
         raise UsageError(f"`BenchRequest.baseline` must be demo, kv, both or none (got {baseline!r})")
+    unknown = [p for p in req.peers if p not in PEERS]
+    if unknown:
+        raise UsageError(f"`BenchRequest.peers`: unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     cache, n_turns = Path(req.cache_dir), req.turns
 
     ckpt, bundle = _resolve_target(req.target, req.shape, req.checkpoint, cache, req.validate, log)

@@ -120,3 +120,21 @@ def test_the_table_of_a_saved_report_keeps_its_columns_apart_and_its_turns_in_or
     turns = [int(m.group(1)) for ln in lines if (m := re.match(r"per turn at turn (\d+) ", ln))]
     assert turns == [1, 10, 50, 200]
     assert any(ln.startswith("  turn 200: render/vision/prefill/decode/other") for ln in lines)
+
+
+def test_peer_names_on_the_command_line_and_in_the_library(tmp_path):
+    from edge_duet.apps.cmd_bench import _peer_names
+    from edge_duet.bench.peers import PEERS
+    from edge_duet.bench.run import BenchRequest, run
+    from edge_duet.errors import UsageError
+
+    assert _peer_names("none", "/some/python") == []  # "none" once read as an unknown peer named none
+    assert _peer_names("both", None) == list(PEERS)
+    assert _peer_names(None, "/some/python") == list(PEERS) and _peer_names(None, None) == []
+    assert _peer_names(" llama.cpp ,", None) == ["llama.cpp"]
+    # the library refuses an unknown peer before any work (no checkpoint made, nothing exported)
+    with pytest.raises(UsageError, match=r"`BenchRequest.peers`: unknown peer vllm"):
+        run(BenchRequest(cache_dir=tmp_path / "cache", shape="tiny", peers=("llama.cpp", "vllm")), log=lambda s: None)
+    assert not (tmp_path / "cache").exists()
+    result = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--peers", "vllm", "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--peers: unknown peer vllm" in result.output
