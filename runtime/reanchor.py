@@ -53,7 +53,6 @@ class Reanchor:
         self.ctx: Context | None = None  # allocated at first use, then reused
         self.swaps = 0  # evictions served by the shadow
         self.misses = 0  # evictions whose plan differed from the shadow's (full re-prefill)
-        self.calls = 0  # decoder calls spent on the shadow
         self.reset()
 
     def reset(self) -> None:
@@ -76,7 +75,6 @@ class Reanchor:
         if self.ctx is None:
             self.ctx = Context(self.engine, self.capacity)
         fed_tokens = 0
-        calls0 = self.engine.decoder_calls
         if not self.head_fed:
             chunks = head()
             self.ctx.prefill(chunks)
@@ -89,7 +87,6 @@ class Reanchor:
             self.ctx.prefill(seg.chunks)
             fed_tokens += seg.num_tokens
             self.fed += 1
-        self.calls += self.engine.decoder_calls - calls0
         return fed_tokens
 
     def take(self, plan: tuple[int, int | None]) -> tuple[Context, int] | None:

@@ -44,7 +44,7 @@ from .chat import ChatRenderer, ImagePiece, Piece
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
 from .preprocess import resize_frame
 from .remote_client import Client, ServerOptions
-from .session import QuestionInbox, SessionOptions, plan_eviction
+from .session import QuestionInbox, SessionOptions, eviction_budget, plan_eviction
 
 __all__ = ["RemoteModel", "RemoteSession", "ServerOptions", "load_remote_model"]
 
@@ -382,7 +382,7 @@ class RemoteSession(QuestionInbox):
         t0 = time.perf_counter()
         before = self.context_tokens
         system, rest = self.messages[0], self.messages[1:]
-        budget = self.max_context_tokens // 2 - system.num_tokens
+        budget = eviction_budget(self.max_context_tokens, system.num_tokens)
         i, q_at = plan_eviction(rest, budget, max_images=self.max_images // 2)
         kept, dropped = list(rest[i:]), rest[:i]
         if q_at is not None:

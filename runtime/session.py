@@ -33,7 +33,7 @@ from edge_duet.errors import InputError, UsageError
 from edge_duet.manifest import Manifest
 
 from .chat import ChatRenderer, ImagePiece, Piece
-from .context import Chunk, Context, assemble, frames_to_chunks  # noqa: F401  (assemble: for tests and tools)
+from .context import Chunk, Context, frames_to_chunks
 from .engine import Engine, open_engine
 from .reanchor import Reanchor, predict_plan
 from .events import Event, Evicted, Reply, Silence, TokenDelta, TurnStarted, TurnStats
@@ -88,6 +88,12 @@ class _Pending:
     turn: int = -1
     t: float = 0.0
     started: float = 0.0
+
+
+def eviction_budget(max_context_tokens: int, system_tokens: int) -> int:
+    """The tokens an eviction keeps after the system prompt: half the context. Both sessions' evictions, and the
+    re-anchoring's prediction of the next one (which must plan exactly what the eviction will), use this."""
+    return max_context_tokens // 2 - system_tokens
 
 
 def plan_eviction(rest: Sequence, budget: int, max_images: int | None = None) -> tuple[int, int | None]:
@@ -275,7 +281,7 @@ class Session(QuestionInbox):
         """This turn's share of the next eviction's re-prefill (reanchor.py); after the turn's events, so a
         reply's latency does not include it."""
         rest = self.segments[1:]
-        budget = self.max_context_tokens // 2 - self.segments[0].num_tokens
+        budget = eviction_budget(self.max_context_tokens, self.segments[0].num_tokens)
         plan = predict_plan(rest, self.context_tokens, self.max_context_tokens, self.options.max_new_tokens, budget,
                             plan_eviction)
         self._reanchor.advance(self.segments, plan, lambda: [c for seg in self._kept_head(plan) for c in seg.chunks],
@@ -455,7 +461,7 @@ class Session(QuestionInbox):
         t0 = time.perf_counter()
         before = self.context_tokens
         system, rest = self.segments[0], self.segments[1:]
-        plan = plan_eviction(rest, self.max_context_tokens // 2 - system.num_tokens)
+        plan = plan_eviction(rest, eviction_budget(self.max_context_tokens, system.num_tokens))
         kept = self._kept_head(plan) + list(rest[plan[0]:])
         shadow = self._reanchor.take(plan) if self._reanchor is not None else None
         # In slices: one call over the whole window would build (window x window) attention scores at once.

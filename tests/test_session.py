@@ -100,7 +100,7 @@ def test_eviction_keeps_system_and_question_and_equals_fresh_window(tiny_bundle,
     assert s.segments[0].role == "system"
     assert any(seg.question == "Where is the green box?" for seg in s.segments)
     # after eviction the cache is exactly a fresh prefill of the kept window (positions re-anchored at 0)
-    from edge_duet.runtime.session import assemble
+    from edge_duet.runtime.context import assemble
 
     chunks = [c for seg in s.segments for c in seg.chunks]
     cached = s.cache.length
