@@ -252,7 +252,11 @@ class DeviceKVCache:
     def nbytes(self) -> int:
         return sum(4 * int(np.prod(k.shape())) + 4 * int(np.prod(v.shape())) for k, v in self.layers)
 
-    def truncate(self, length: int) -> "DeviceKVCache":
+    def truncate(self, length: int) -> "DeviceKVCache | KVCache":
+        """The first ``length`` positions, sliced on the device; an empty cache needs no graph run (a reset, an
+        eviction): the host's empty cache, which the next decode uploads."""
+        if length == 0:
+            return KVCache.empty(self.engine.manifest)
         return self.engine.slice_cache(self, length)
 
     def to_host(self) -> KVCache:

@@ -45,7 +45,11 @@ def need_tensorrt():
 
 
 def _events(bundle, engine=None, turns=5, max_new_tokens=8):
-    s = Session(bundle, SessionOptions(max_new_tokens=max_new_tokens, providers="cpu"), engine=engine)
+    return _events_on(Session(bundle, SessionOptions(max_new_tokens=max_new_tokens, providers="cpu"), engine=engine),
+                      turns)
+
+
+def _events_on(s, turns=5):
     d = generated_dialogues(1, turns, s.manifest.prompt.frames_per_turn, 1.0, 112, seed=1)[0]
     out = []
     for t in d.turns:
@@ -211,6 +215,14 @@ def test_bound_engine_matches_engine_on_the_host(tiny_bundle):
     cut = s.cache.truncate(17).to_host()
     assert cut.length == 17
     np.testing.assert_array_equal(cut.layers[1][0], host.layers[1][0][:, :, :17])
+    # emptied (a reset, an eviction): no graph run, the host's empty cache, uploaded again by the next decode
+    from edge_duet.runtime.engine import KVCache
+
+    empty = s.cache.truncate(0)
+    assert isinstance(empty, KVCache) and empty.length == 0
+    s.reset()
+    again, _ = _events_on(s)
+    assert again == want
 
 
 
