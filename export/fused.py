@@ -41,17 +41,24 @@ ALIGN = 4096  # external-data offsets: ONNX Runtime memory-maps aligned weights
 
 
 class _Writer:
-    """Initializers: big ones appended to the external data file as they come, small ones inline."""
+    """Initializers: big ones appended to the external data file as they come, small ones inline. A name is written
+    once (ONNX allows one initializer per name): adding the same constant again returns its name."""
 
     def __init__(self, data_path: Path):
         self.data_path = data_path
         self.file = open(data_path, "wb")
         self.initializers = []
+        self.added: dict[str, np.ndarray | None] = {}  # name -> the small array (None: a big one, in the file)
 
     def add(self, name: str, array: np.ndarray) -> str:
         from onnx import TensorProto, numpy_helper
 
         array = np.ascontiguousarray(array)
+        if name in self.added:
+            if self.added[name] is None or not np.array_equal(self.added[name], array):
+                raise ValueError(f"two different initializers named {name!r}")
+            return name
+        self.added[name] = array if array.nbytes < 1024 else None
         if array.nbytes < 1024:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name

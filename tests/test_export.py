@@ -386,3 +386,16 @@ def test_export_memory_stays_within_a_multiple_of_the_weights(tmp_path):
     assert report.peak_rss_gb <= 2.0 * weights_gb, (report.peak_rss_gb, weights_gb, peaks)
     assert report.peak_rss_gb <= plan.need_gb(True), "the estimate export refuses by must not be optimistic"
     assert peaks["decoder (child)"] < peaks["reference (child)"]  # streamed: the decoder's weights never all loaded
+
+
+def test_every_graph_names_each_initializer_once(tiny_export):
+    # ONNX allows one initializer per name; the fused builder once wrote each layer's rotary shape constants again
+    import collections
+
+    import onnx
+
+    bundle = tiny_export[1]
+    for path in sorted(bundle.glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        counts = collections.Counter(t.name for t in model.graph.initializer)
+        assert [n for n, c in counts.items() if c > 1] == [], path.name
