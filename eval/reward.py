@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 # absolute imports: verl loads this file by path (custom_reward_function.path), outside its package
@@ -88,11 +88,6 @@ class RewardBreakdown:
     n_replies: int
     n_spans: int
     span_pauc: tuple[float, ...] = field(default=())
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["span_pauc"] = list(self.span_pauc)
-        return d
 
 
 def reply_text(raw: str) -> str | None:

@@ -156,7 +156,6 @@ def rollout(model, encoder: td.DialogueEncoder, example: bm.Example, feats, grid
     replies: list[str] = []
     pad = "<|vision_start|>" + "<|image_pad|>" * encoder.tokens_per_frame + "<|vision_end|>"
     n_frames = n_vis = 0
-    next_pos = 0
     # vision markers are the user's to write: one sampled by an untrained policy would shift every frame after it
     banned = torch.tensor([encoder.tok.token_to_id(t) for t in
                            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")])
@@ -318,7 +317,6 @@ def train_rl(sft_checkpoint: str | Path | None, out_dir: str | Path, opts: RLOpt
     start = time.monotonic() - result.seconds
     while result.steps < opts.steps:
         step = result.steps
-        model.train()
         gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
         optim.zero_grad(set_to_none=True)
         rows: list[RewardBreakdown] = []
