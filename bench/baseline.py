@@ -73,6 +73,14 @@ def prepare_shape(name: str, cache_dir: str | Path, seed: int = 0, validate: boo
     return ckpt, bundle
 
 
+def checkpoint_key(checkpoint: str | Path) -> str:
+    """A short key for what is cached from a checkpoint directory: its path and its files' sizes and modification
+    times (a changed checkpoint gets a new key)."""
+    ckpt = Path(checkpoint)
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(ckpt.iterdir()) if p.is_file()]
+    return hashlib.sha1(repr((str(ckpt.resolve()), stamp)).encode()).hexdigest()[:8]
+
+
 def prepare_checkpoint(checkpoint: str | Path, cache_dir: str | Path, validate: bool = True,
                        log: Callable[[str], None] = print) -> Path:
     """The bundle of a checkpoint directory, exported once into ``cache_dir`` (keyed by its files' sizes and
@@ -80,9 +88,7 @@ def prepare_checkpoint(checkpoint: str | Path, cache_dir: str | Path, validate: 
     ckpt = Path(checkpoint)
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"{ckpt} is neither a bundle (manifest.json) nor a checkpoint (config.json)")
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(ckpt.iterdir()) if p.is_file()]
-    key = hashlib.sha1(repr((str(ckpt.resolve()), stamp)).encode()).hexdigest()[:8]
-    bundle = Path(cache_dir) / f"{ckpt.name}-{key}" / "bundle"
+    bundle = Path(cache_dir) / f"{ckpt.name}-{checkpoint_key(ckpt)}" / "bundle"
     if not (bundle / "manifest.json").is_file():
         export_into(ckpt, bundle, validate, log)
     return bundle

@@ -14,7 +14,6 @@ not installed, the converter missing or failing on this checkpoint, or no multim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from edge_duet import isolate
 from edge_duet.errors import PeerUnavailable
 
+from .baseline import checkpoint_key
 from .harness import Job
 from .stream import BenchOptions, synthetic_frames
 
@@ -97,15 +97,9 @@ def _convert(cmd: list[str], out: Path, what: str) -> None:
     (out / ".done").write_text("")
 
 
-def _key(checkpoint: str) -> str:
-    ckpt = Path(checkpoint)
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(ckpt.iterdir()) if p.is_file()]
-    return hashlib.sha1(repr((str(ckpt.resolve()), stamp)).encode()).hexdigest()[:8]
-
-
 def prepare_ort_genai(checkpoint: str, package_dir: str, cache: Path, threads: int | None) -> Path:
     """onnxruntime-genai's model builder on the checkpoint (fp32, CPU): its text decoder and genai_config.json."""
-    out = cache / "peers" / f"ort-genai-{_key(checkpoint)}"
+    out = cache / "peers" / f"ort-genai-{checkpoint_key(checkpoint)}"
     builder = Path(package_dir) / "models" / "builder.py"
     if not builder.is_file():
         raise PeerUnavailable(f"cannot convert this model: onnxruntime-genai's model builder is not at {builder}")
@@ -128,7 +122,7 @@ def prepare_llama_cpp(checkpoint: str, src: str | None, cache: Path) -> tuple[Pa
     script = Path(src) / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise PeerUnavailable(f"cannot convert this model: {script} not found")
-    out = cache / "peers" / f"gguf-{_key(checkpoint)}"
+    out = cache / "peers" / f"gguf-{checkpoint_key(checkpoint)}"
     text, mmproj = out / "model-f32.gguf", out / "mmproj-f32.gguf"
     convert = [sys.executable, "-m", "edge_duet.bench.gguf_convert", str(src), checkpoint, "--outtype", "f32"]
     _convert([*convert, "--outfile", str(text)], out / "text", "convert_hf_to_gguf.py")
