@@ -230,31 +230,15 @@ def _role(graph: str) -> str:
     return "decoder" if graph == FUSED else graph
 
 
-def _quantize_fused(manifest, source: Path, tmp: Path, work: Path, recipe, options, report, graphs: dict, log) -> None:
-    """The fused decoder gets the decoder's precision where its ops allow it (weight-only int4/w8 MatMulNBits,
-    dynamic int8); a float16 or Q/DQ decoder leaves it out of the bundle (said in the log), which then runs
-    the plain decoder."""
-    spec = manifest.graphs[FUSED]
+def _fused_left_out(recipe: Recipe) -> str | None:
+    """Why the fused decoder cannot take the decoder's precision (None: it can). Its ops take weight-only int4/w8
+    (MatMulNBits) and dynamic int8; a float16 or Q/DQ decoder is for GPU providers, which run the plain decoder,
+    so the bundle then has only the plain flavour."""
     precision = recipe.graph_precision("decoder")
-    src_bytes = _dir_bytes([source / spec.path, *(source / d for d in spec.external_data)])
     if activation_type(precision) == "fp16" or is_qdq(precision) or recipe.head == "fp16":
-        del graphs[FUSED]
-        log(f"[{FUSED}] left out: decoder={precision} (lm_head={recipe.head}) is for GPU providers, which run the "
-            "plain decoder; this bundle has only the plain flavour")
-        return
-    if precision == "fp32":
-        for rel in (spec.path, *spec.external_data):
-            shutil.copy2(source / rel, tmp / rel)
-        return
-    log(f"[{FUSED}] {precision} ...")
-    model, result = quantize_graph(load_lazy(source / spec.path), "decoder", precision, recipe.lm_head, options,
-                                   work, manifest.text.vocab_size, manifest.text.hidden_size)
-    ext = _save_model(model, tmp / spec.path)
-    result = dataclasses.replace(result, name=FUSED, source_size_bytes=src_bytes,
-                                 size_bytes=_dir_bytes([tmp / spec.path, *(tmp / d for d in ext)]))
-    report.graphs[FUSED] = result
-    graphs[FUSED] = dataclasses.replace(spec, external_data=ext, precision=recipe.precision_label("decoder"),
-                                        quantized_ops=result.quantized_ops)
+        return (f"decoder={precision} (lm_head={recipe.head}) is for GPU providers, which run the plain decoder; "
+                "this bundle has only the plain flavour")
+    return None
 
 
 def check_changed(results: dict[str, GraphResult], recipe: Recipe) -> None:
@@ -332,12 +316,17 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
             if p.is_file() and p.name not in graph_files and p.name != MANIFEST_NAME:
                 shutil.copy2(p, tmp / p.name)
         graphs = dict(manifest.graphs)
-        for name in GRAPHS:
+        for name in (*GRAPHS, *([FUSED] if FUSED in manifest.graphs else [])):
+            role = _role(name)  # the fused decoder takes the decoder's precision
+            if name == FUSED and (why := _fused_left_out(recipe)):
+                del graphs[FUSED]
+                log(f"[{FUSED}] left out: {why}")
+                continue
             spec = manifest.graphs[name]
-            precision = recipe.graph_precision(name)
+            precision = recipe.graph_precision(role)
             src_path = source / spec.path
             src_bytes = _dir_bytes([src_path, *(source / d for d in spec.external_data)])
-            if precision == "fp32" or spec.precision == recipe.precision_label(name):
+            if precision == "fp32" or spec.precision == recipe.precision_label(role):
                 for rel in (spec.path, *spec.external_data):
                     shutil.copy2(source / rel, tmp / rel)
                 ops = weight_ops(onnx.load(str(src_path), load_external_data=False))
@@ -346,18 +335,17 @@ def quantize_bundle(source: str | Path, out: str | Path, recipe: Recipe | str,
                 continue
             log(f"[{name}] {precision} ...")
             model = load_lazy(src_path)  # weights stay on disk until a quantizer reads them, one at a time
-            model, result = quantize_graph(model, name, precision, recipe.lm_head if name == "decoder" else None,
+            model, result = quantize_graph(model, role, precision, recipe.lm_head if role == "decoder" else None,
                                            options, work, manifest.text.vocab_size, manifest.text.hidden_size)
             ext = _save_model(model, tmp / spec.path)
             del model
+            result.name = name
             result.size_bytes = _dir_bytes([tmp / spec.path, *(tmp / d for d in ext)])
             result.source_size_bytes = src_bytes
             report.graphs[name] = result
-            graphs[name] = dataclasses.replace(spec, external_data=ext, precision=recipe.precision_label(name),
+            graphs[name] = dataclasses.replace(spec, external_data=ext, precision=recipe.precision_label(role),
                                                quantized_ops=result.quantized_ops)
             log(f"[{name}] {result.quantized_ops}/{result.weight_ops} weight ops changed in {result.seconds:.1f} s")
-        if FUSED in manifest.graphs:
-            _quantize_fused(manifest, source, tmp, work, recipe, options, report, graphs, log)
         check_changed(report.graphs, recipe)
         shutil.rmtree(work)
         for name in (*GRAPHS, *([FUSED] if FUSED in graphs else [])):  # every graph must load before publishing

@@ -229,6 +229,18 @@ def test_refuses_to_overwrite_or_requantize(tiny_bundle, int8_bundle, tmp_path):
         quantize_bundle(tiny_bundle, tiny_bundle, "int8", QuantOptions(overwrite=True), **QUIET)
 
 
+def test_the_same_recipe_again_copies_every_graph_both_decoders_included(int8_bundle, tmp_path):
+    # Graphs already at the recipe's precision are copied; the fused decoder follows the same rule as the plain one
+    # (it was once quantized a second time, and the no-op quantizer check then failed the bundle).
+    src, _ = int8_bundle
+    report = quantize_bundle(src, tmp_path / "again", "int8", QuantOptions(check=False), **QUIET)
+    m = Manifest.load(tmp_path / "again")
+    assert set(report.graphs) == set(m.graphs) and "decoder_fused" in m.graphs
+    for name, spec in m.graphs.items():
+        assert (tmp_path / "again" / spec.path).read_bytes() == (src / spec.path).read_bytes(), name
+        assert report.graphs[name].precision == "int8"
+
+
 # ----------------------------------------------------------------------------------------------- CLI, benchmark
 
 
