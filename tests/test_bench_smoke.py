@@ -138,3 +138,10 @@ def test_peer_names_on_the_command_line_and_in_the_library(tmp_path):
     assert not (tmp_path / "cache").exists()
     result = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--peers", "vllm", "--cache-dir", str(tmp_path / "c")])
     assert result.exit_code == 2 and "--peers: unknown peer vllm" in result.output
+
+
+def test_turns_before_the_last_report_turn_are_refused_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--turns", "3", "--at", "1,5",
+                                      "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--turns (3) ends before the last of --at (5)" in result.output
+    assert not (tmp_path / "c").exists()
